@@ -1,0 +1,73 @@
+"""LimeConfig: what to retrofit, and how."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .errors import LimeError
+from .sites import AttentionSite
+
+INITS = ("identity", "paper")
+
+
+@dataclass
+class LimeConfig:
+    """Configuration of a LIMe retrofit.
+
+    Args:
+        mechanism: name of a registered lookup mechanism (see ``limeify.available_mechanisms()``).
+            ``"static"`` is the paper's cross-head lookup: layer ``l`` mixes the raw K/V of
+            layers ``0..l`` with a ``[G, (l+1)*G]`` matrix.
+        init: ``"identity"`` (current layer identity, zero elsewhere; the limeified model
+            computes exactly what the base model did) or ``"paper"`` (the official
+            from-scratch init: identity on the current block, ``U(-b, b)`` elsewhere).
+        layers: attention layers that get a router (default: all but the first). Every
+            layer still contributes its raw K/V as a source for later layers.
+        sites: explicit attention sites for models discovery cannot analyse.
+        mechanism_kwargs: extra options for the chosen mechanism.
+    """
+
+    mechanism: str = "static"
+    init: str = "identity"
+    layers: Sequence[int] | None = None
+    sites: Sequence[AttentionSite] | None = None
+    mechanism_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .routers import MECHANISMS
+
+        if self.mechanism not in MECHANISMS:
+            raise LimeError(
+                f"unknown mechanism {self.mechanism!r}; expected one of {sorted(MECHANISMS)}"
+            )
+        if self.init not in INITS:
+            raise LimeError(f"unknown init {self.init!r}; expected one of {list(INITS)}")
+        if self.layers is not None:
+            self.layers = sorted({int(layer) for layer in self.layers})
+        if self.sites is not None:
+            self.sites = [s if isinstance(s, AttentionSite) else AttentionSite.from_dict(s) for s in self.sites]
+
+    def router_layers(self, num_layers: int) -> list[int]:
+        layers = list(range(1, num_layers)) if self.layers is None else list(self.layers)
+        bad = [layer for layer in layers if not 1 <= layer < num_layers]
+        if bad:
+            raise LimeError(
+                f"LimeConfig.layers={bad} out of range: a model with {num_layers} attention "
+                f"layers can have routers on layers 1..{num_layers - 1} (layer 0 has no earlier layer)"
+            )
+        return layers
+
+    def to_dict(self) -> dict:
+        return {
+            "mechanism": self.mechanism,
+            "init": self.init,
+            "layers": None if self.layers is None else list(self.layers),
+            "sites": None if self.sites is None else [s.to_dict() for s in self.sites],
+            "mechanism_kwargs": dict(self.mechanism_kwargs),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LimeConfig":
+        known = {"mechanism", "init", "layers", "sites", "mechanism_kwargs"}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,279 @@
+"""limeify(): install routers and value-cache hooks on a model in place; unlimeify() removes them.
+
+Hooks are registered once, at limeify time, on the modules that produce K and V (and on the
+module enclosing all attention layers, to open and close the per-forward value cache). At
+call time a hook only writes raw K/V into the cache and calls the router it looks up on the
+attention module, never one captured in a closure: PEFT may swap the router for a wrapper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cache import CacheLifecycle, record
+from .config import LimeConfig
+from .discovery import discover_sites
+from .errors import LimeError
+from .routers import MECHANISMS, ROUTER_ATTR, Router
+from .sites import AttentionSite, format_sites
+
+STATE_ATTR = "_lime_state"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    role: str
+    layer: int
+    start: int | None
+    end: int | None
+    heads: int
+    attention: nn.Module
+    routed: bool
+
+
+class LimeState:
+    """Everything limeify added to a model, so it can be found and removed again."""
+
+    def __init__(self, config: LimeConfig, sites: list[AttentionSite], router_layers: list[int]) -> None:
+        self.config = config
+        self.sites = sites
+        self.router_layers = router_layers
+        self.lifecycle = CacheLifecycle(len(sites))
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.router_owners: dict[int, nn.Module] = {}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        for owner in self.router_owners.values():
+            if ROUTER_ATTR in owner._modules:
+                del owner._modules[ROUTER_ATTR]
+        self.router_owners.clear()
+
+
+def get_state(model: nn.Module) -> LimeState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+def is_limeified(model: nn.Module) -> bool:
+    """True if ``model`` (or the model inside a PEFT wrapper) carries LIMe routers and hooks."""
+    return _find_state(model) is not None
+
+
+def _find_state(model: nn.Module) -> tuple[nn.Module, LimeState] | None:
+    for module in model.modules():
+        state = get_state(module)
+        if state is not None:
+            return module, state
+    return None
+
+
+def _resolve(model: nn.Module, path: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(path) if path else model
+    except AttributeError:
+        raise LimeError(f"{what} {path!r} is not a submodule of {type(model).__name__}") from None
+
+
+def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def _make_hook(state: LimeState, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module):
+    lifecycle = state.lifecycle
+    whole = len(entries) == 1 and entries[0].start is None
+
+    def hook(mod: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+        if parent._modules.get(name) is not module:
+            raise LimeError(
+                f"{name!r} was replaced after limeify (e.g. wrapped by get_peft_model with LoRA on "
+                "it), so LIMe would mix K/V before the wrapper's change; call limeify after "
+                "get_peft_model, or unlimeify, wrap, and limeify again"
+            )
+        hidden = args[0] if args else None
+        mixed = []
+        for e in entries:
+            cache = lifecycle.current(e.layer)
+            raw = output if e.start is None else output[..., e.start : e.end]
+            if e.routed:
+                router = getattr(e.attention, ROUTER_ATTR)
+                mixed.append(router(raw, cache, e.role, hidden))
+            else:
+                mixed.append(record(raw, cache, e.role, e.layer, e.heads))
+        if whole:
+            return mixed[0]
+        return _reassemble(output, entries, mixed)
+
+    return hook
+
+
+def _reassemble(output: torch.Tensor, entries: list[_Entry], mixed: list[torch.Tensor]) -> torch.Tensor:
+    pieces, pos = [], 0
+    for e, m in sorted(zip(entries, mixed), key=lambda em: em[0].start):
+        if e.start > pos:
+            pieces.append(output[..., pos : e.start])
+        pieces.append(m)
+        pos = e.end
+    if pos < output.shape[-1]:
+        pieces.append(output[..., pos:])
+    return torch.cat(pieces, dim=-1)
+
+
+def _enclosing_module(model: nn.Module, sites: list[AttentionSite]) -> nn.Module:
+    """Deepest module that is called once per forward and contains every attention layer."""
+    paths = [s.key.module.split(".") for s in sites] + [s.value.module.split(".") for s in sites]
+    common = []
+    for items in zip(*paths):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    common = common[: min(len(p) for p in paths) - 1] if len(sites) == 1 else common
+    while common:
+        module = model.get_submodule(".".join(common))
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and not any(
+            s.key.module == ".".join(common) or s.value.module == ".".join(common) for s in sites
+        ):
+            return module
+        common.pop()
+    return model
+
+
+def _validate_sites(model: nn.Module, sites: list[AttentionSite]) -> None:
+    if not sites:
+        raise LimeError("LimeConfig.sites is empty; give at least one AttentionSite or leave it None")
+    for i, site in enumerate(sites):
+        if site.layer != i:
+            raise LimeError(f"sites must be in forward order with layer == position; site #{i} says layer {site.layer}")
+        if site.num_kv_heads < 1 or site.head_dim < 1:
+            raise LimeError(f"site {i}: num_kv_heads and head_dim must be positive, got {site.num_kv_heads}, {site.head_dim}")
+        _resolve(model, site.attention, f"site {i}: attention module")
+        for role, src, dim in (("key", site.key, site.head_dim), ("value", site.value, site.v_head_dim)):
+            mod = _resolve(model, src.module, f"site {i}: {role} module")
+            width = site.num_kv_heads * dim
+            if src.start is not None and (src.end is None or src.end - src.start != width):
+                raise LimeError(
+                    f"site {i}: {role} slice {src.start}:{src.end} is not num_kv_heads*head_dim = {width} wide"
+                )
+            out = getattr(mod, "out_features", None) or getattr(mod, "nf", None)
+            if out is not None and (src.end or width) > out:
+                raise LimeError(
+                    f"site {i}: {role} needs {src.end or width} output features but {src.module} has {out}"
+                )
+
+
+def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: Any = None) -> nn.Module:
+    """Retrofit LIMe onto ``model`` in place and return it.
+
+    With the default ``LimeConfig()`` (static lookup, identity init) the model's outputs are
+    unchanged until its routers are trained. Attention sites are discovered by tracing the
+    model once on ``example_inputs`` (built from ``model.config`` when omitted), unless
+    ``config.sites`` gives them.
+
+    Raises:
+        LimeError: the model is already limeified, has no attention that can be analysed,
+            or the given sites do not match it. The model is left as it was.
+    """
+    config = config or LimeConfig()
+    if is_limeified(model):
+        raise LimeError("model is already limeified; call limeify.unlimeify(model) first to start over")
+    sites = list(config.sites) if config.sites is not None else discover_sites(model, example_inputs)
+    _validate_sites(model, sites)
+    router_layers = config.router_layers(len(sites))
+    for site in sites:
+        owner = _resolve(model, site.attention, "attention module")
+        if ROUTER_ATTR in owner._modules or hasattr(owner, STATE_ATTR):
+            raise LimeError(f"{site.attention} already has a {ROUTER_ATTR!r}; two sites cannot share an attention module")
+
+    state = LimeState(config, sites, router_layers)
+    try:
+        _install(model, state)
+    except BaseException:
+        state.remove()
+        raise
+    setattr(model, STATE_ATTR, state)
+    return model
+
+
+def _install(model: nn.Module, state: LimeState) -> None:
+    config, sites = state.config, state.sites
+    params = next((p for p in model.parameters() if p.is_floating_point()), None)
+    mechanism = MECHANISMS[config.mechanism]
+    routed = set(state.router_layers)
+    owners = {site.layer: _resolve(model, site.attention, "attention module") for site in sites}
+    if len(set(map(id, owners.values()))) != len(owners):
+        raise LimeError("two attention sites share one attention module; pass distinct LimeConfig(sites=...)")
+    for layer in state.router_layers:
+        router: Router = mechanism(layer, sites[layer], config.init, **config.mechanism_kwargs)
+        if params is not None:
+            router.to(device=params.device, dtype=params.dtype)
+        owners[layer].add_module(ROUTER_ATTR, router)
+        state.router_owners[layer] = owners[layer]
+
+    by_module: dict[str, list[_Entry]] = {}
+    for site in sites:
+        for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
+            entry = _Entry(role, site.layer, src.start, src.end, site.num_kv_heads, owners[site.layer], site.layer in routed)
+            by_module.setdefault(src.module, []).append(entry)
+    for path, entries in by_module.items():
+        if any(e.start is None for e in entries) and len(entries) > 1:
+            raise LimeError(f"{path} is both K and V of a site with no slices; give K and V slices in LimeConfig(sites=...)")
+        module = model.get_submodule(path)
+        parent, name = _parent_and_name(model, path)
+        state.handles.append(module.register_forward_hook(_make_hook(state, entries, parent, name, module)))
+
+    enclosing = _enclosing_module(model, sites)
+    lifecycle = state.lifecycle
+    state.handles.append(enclosing.register_forward_pre_hook(lambda mod, args: lifecycle.begin()))
+    state.handles.append(enclosing.register_forward_hook(lambda mod, args, out: lifecycle.end(), always_call=True))
+
+
+def unlimeify(model: nn.Module) -> nn.Module:
+    """Remove routers and hooks; parameters, state_dict and outputs are as before limeify."""
+    found = _find_state(model)
+    if found is None:
+        raise LimeError(f"{type(model).__name__} is not limeified; nothing to remove")
+    owner, state = found
+    state.remove()
+    delattr(owner, STATE_ATTR)
+    return model
+
+
+def lime_state(model: nn.Module) -> LimeState:
+    found = _find_state(model)
+    if found is None:
+        raise LimeError(f"{type(model).__name__} is not limeified; call limeify(model) first")
+    return found[1]
+
+
+def active_router(module: nn.Module) -> Router:
+    """The router PEFT would use: unwraps ``modules_to_save`` wrappers to the active copy."""
+    saved = getattr(module, "modules_to_save", None)
+    if isinstance(saved, nn.ModuleDict):
+        names = getattr(module, "active_adapters", None) or [getattr(module, "active_adapter", None)]
+        name = names[0] if isinstance(names, (list, tuple)) else names
+        if name in saved and not getattr(module, "disable_adapters", False):
+            return saved[name]
+        return module.original_module
+    return module
+
+
+def routers(model: nn.Module) -> dict[int, Router]:
+    """Routers in layer order, as ``{layer: router}``."""
+    state = lime_state(model)
+    return {layer: active_router(owner._modules[ROUTER_ATTR]) for layer, owner in sorted(state.router_owners.items())}
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Each router's mixing weight, in layer order (``[G, (l+1)*G]`` for "static")."""
+    return [r.mixing_matrix() for r in routers(model).values()]
+
+
+def describe(model: nn.Module) -> str:
+    state = lime_state(model)
+    return f"mechanism={state.config.mechanism}, routers on layers {state.router_layers}\n" + format_sites(state.sites)

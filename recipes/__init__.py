@@ -1,0 +1,1 @@
+"""Example recipes that apply limeify to small offline models and data sets."""
