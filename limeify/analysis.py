@@ -138,7 +138,7 @@ def plot_router_heatmap(
 
     data = matrix.detach().cpu().to(torch.float64).numpy()
     n_rows, n_cols = data.shape
-    fig = Figure(figsize=(1.5 + 0.35 * n_cols, 1.2 + 0.3 * n_rows))
+    fig = Figure(figsize=(max(4.0, 1.5 + 0.35 * n_cols), max(3.0, 1.2 + 0.3 * n_rows)))
     FigureCanvasAgg(fig)  # draw with Agg without touching pyplot's global backend
     ax = fig.add_subplot()
     im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
@@ -193,8 +193,7 @@ def probe_separability(
             loss.backward()
             return loss
 
-        with torch.enable_grad():  # callers often collect hidden states under no_grad
-            opt.step(closure)
+        opt.step(closure)  # LBFGS runs the closure with grad enabled, even under no_grad
         with torch.no_grad():
             correct += int(((x_te @ w + b).argmax(1) == y_all[test]).sum())
     return correct / n

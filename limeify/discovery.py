@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import LimeError
 from .sites import AttentionSite, KVSource
@@ -64,16 +65,28 @@ class _Graph:
         self.gm, self.run_args, self.kind = gm, run_args, kind
         self.module_paths: dict[fx.Node, tuple[str, ...]] = {}
         self.module_output: dict[str, fx.Node] = {}
+        if kind == "fx":
+            # Record tensor values so walks follow data, not the size arithmetic fx also traces.
+            ShapeProp(gm).propagate(*run_args)
+        self.floats: set[fx.Node] = set()
         for node in gm.graph.nodes:
+            meta = node.meta.get("val")
+            meta = node.meta.get("tensor_meta") if meta is None else meta
+            metas = meta if isinstance(meta, (list, tuple)) and not hasattr(meta, "dtype") else [meta]
+            if any(getattr(getattr(m, "dtype", None), "is_floating_point", False) for m in metas):
+                self.floats.add(node)
             if kind == "fx":
                 paths = (node.target,) if node.op == "call_module" else ()
             else:
                 stack = node.meta.get("nn_module_stack") or {}
                 paths = tuple(path for path, _ in stack.values())
             self.module_paths[node] = paths
-            if isinstance(node.meta.get("val", None), torch.Tensor) or kind == "fx":
+            if node in self.floats:
                 for path in paths:
                     self.module_output[path] = node
+
+    def data_inputs(self, node: fx.Node) -> list[fx.Node]:
+        return [m for m in node.all_input_nodes if m in self.floats]
 
     def _call(self, node: fx.Node, aten_ops: set, fx_ops: set, method: str | None = None) -> bool:
         if node.op == "call_function":
@@ -102,6 +115,8 @@ class _Graph:
         """Path of the module a parameterised projection node belongs to, else None."""
         if self.kind == "fx":
             if n.op != "call_module":
+                return None
+            if not any(m in self.floats for m in n.all_input_nodes):
                 return None
             mod = self.gm.get_submodule(n.target)
             has_weight = any(p.dim() >= 2 for p in mod.parameters(recurse=False))
@@ -163,7 +178,7 @@ def _producer(g: _Graph, start: fx.Node, attention_paths: tuple[str, ...], role:
         if path is not None:
             projections.add(path)
             continue
-        for m in node.all_input_nodes:
+        for m in g.data_inputs(node):
             if m not in seen:
                 seen.add(m)
                 frontier.append(m)

@@ -64,7 +64,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     """Load SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, 9 heads, 3 KV heads) and its tokenizer.
 
     transformers dequantizes the Q4_1 GGUF weights, so the model is a plain dense model in `dtype`.
-    Takes about 30 s on CPU, mostly GGUF parsing (done once for the tokenizer, once for the model).
+    Takes 30-60 s on a 2-core CPU, mostly transformers' pure-Python GGUF parsing (the file is
+    parsed once for the tokenizer and twice for the model); dequantization itself is ~3 s.
     """
     _force_hub_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -192,7 +193,9 @@ def load_digits_fallback(limit: int | None = None, test_size: float = 0.2, seed:
     return x_train[:limit], y_train[:limit], x_test[:limit], y_test[:limit]
 
 
-def load_images(prefer: str = "fashion_mnist", limit: int | None = None) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_images(
+    prefer: str = "fashion_mnist", limit: int | None = None
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(dataset_name, x_train, y_train, x_test, y_test); falls back to digits if Fashion-MNIST is absent."""
     if prefer not in ("fashion_mnist", "digits"):
         raise ValueError(f"prefer must be 'fashion_mnist' or 'digits', got {prefer!r}")

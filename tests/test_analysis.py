@@ -53,10 +53,13 @@ def test_entropy_known_unequal_spectrum():
 
 def test_entropy_rank_one_is_zero():
     g = torch.Generator().manual_seed(0)
-    c = torch.randn(16, 1, generator=g)
-    v = torch.randn(1, 12, generator=g)
-    # Every token points the same way; a constant column (std 0) must contribute nothing.
-    x = torch.cat([c * v, torch.full((16, 1), 0.1)], dim=1)
+    c = torch.randn(16, 1, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 12, generator=g, dtype=torch.float64)
+    # Every token points the same way; a column constant up to rounding (a few ulps of
+    # 0.1) must contribute nothing rather than be blown up to unit variance.
+    almost_constant = 0.1 + 2e-17 * torch.randn(16, 1, generator=g, dtype=torch.float64)
+    assert almost_constant.std() > 0
+    x = torch.cat([c * v, almost_constant], dim=1)
     assert abs(renyi_entropy(x)) < 1e-6
     assert renyi_entropy(torch.full((5, 4), 0.3)) == 0.0
 
@@ -121,6 +124,16 @@ def test_probe_separable_classes():
     means = 6.0 * torch.eye(3, d)
     x = torch.randn(n, d, generator=g) + means[labels] + 100.0  # offset: needs standardizing
     assert probe_separability(x, labels + 10) > 0.95
+
+
+def test_probe_standardizes_features():
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(300) % 2
+    x = torch.randn(300, 8, generator=g)
+    # The only informative feature is tiny: without standardization the L2 penalty
+    # keeps the probe from using it.
+    x[:, 0] = 1e-4 * (torch.randn(300, generator=g) + 6.0 * labels)
+    assert probe_separability(x, labels) > 0.95
 
 
 def test_probe_random_labels_near_chance():
