@@ -3,7 +3,10 @@
 from .config import LimeConfig
 from .discovery import discover_sites
 from .errors import LimeError
-from .injection import describe, is_limeified, limeify, router_parameters, routers, unlimeify
+from .injection import describe, is_limeified, limeify, rebind, router_parameters, routers, unlimeify
+from .peft_integration import get_lime_peft_model, load_lime_peft, save_lime_peft
+from .persistence import load_lime, read_lime, save_lime
+from .training import mark_only_routers_trainable, print_trainable_parameters, router_param_groups
 from .routers import Router, available_mechanisms, register_mechanism
 from .sites import AttentionSite, KVSource
 
@@ -18,8 +21,18 @@ __all__ = [
     "available_mechanisms",
     "describe",
     "discover_sites",
+    "get_lime_peft_model",
     "is_limeified",
     "limeify",
+    "load_lime",
+    "load_lime_peft",
+    "mark_only_routers_trainable",
+    "print_trainable_parameters",
+    "read_lime",
+    "rebind",
+    "router_param_groups",
+    "save_lime",
+    "save_lime_peft",
     "register_mechanism",
     "router_parameters",
     "routers",

@@ -44,12 +44,14 @@ class LimeState:
         self.router_layers = router_layers
         self.lifecycle = CacheLifecycle(len(sites))
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.producer_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.router_owners: dict[int, nn.Module] = {}
 
     def remove(self) -> None:
-        for handle in self.handles:
+        for handle in self.handles + self.producer_handles:
             handle.remove()
         self.handles.clear()
+        self.producer_handles.clear()
         for owner in self.router_owners.values():
             if ROUTER_ATTR in owner._modules:
                 del owner._modules[ROUTER_ATTR]
@@ -57,7 +59,8 @@ class LimeState:
 
 
 def get_state(model: nn.Module) -> LimeState | None:
-    return getattr(model, STATE_ATTR, None)
+    # __dict__, not getattr: PEFT wrappers forward unknown attributes to the wrapped model.
+    return model.__dict__.get(STATE_ATTR)
 
 
 def is_limeified(model: nn.Module) -> bool:
@@ -93,8 +96,8 @@ def _make_hook(state: LimeState, entries: list[_Entry], parent: nn.Module, name:
         if parent._modules.get(name) is not module:
             raise LimeError(
                 f"{name!r} was replaced after limeify (e.g. wrapped by get_peft_model with LoRA on "
-                "it), so LIMe would mix K/V before the wrapper's change; call limeify after "
-                "get_peft_model, or unlimeify, wrap, and limeify again"
+                "it), so LIMe would mix K/V before the wrapper's change; call "
+                "limeify.rebind(model) after wrapping (get_lime_peft_model does this for you)"
             )
         hidden = args[0] if args else None
         mixed = []
@@ -187,7 +190,7 @@ def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: 
     router_layers = config.router_layers(len(sites))
     for site in sites:
         owner = _resolve(model, site.attention, "attention module")
-        if ROUTER_ATTR in owner._modules or hasattr(owner, STATE_ATTR):
+        if ROUTER_ATTR in owner._modules:
             raise LimeError(f"{site.attention} already has a {ROUTER_ATTR!r}; two sites cannot share an attention module")
 
     state = LimeState(config, sites, router_layers)
@@ -204,7 +207,6 @@ def _install(model: nn.Module, state: LimeState) -> None:
     config, sites = state.config, state.sites
     params = next((p for p in model.parameters() if p.is_floating_point()), None)
     mechanism = MECHANISMS[config.mechanism]
-    routed = set(state.router_layers)
     owners = {site.layer: _resolve(model, site.attention, "attention module") for site in sites}
     if len(set(map(id, owners.values()))) != len(owners):
         raise LimeError("two attention sites share one attention module; pass distinct LimeConfig(sites=...)")
@@ -215,22 +217,43 @@ def _install(model: nn.Module, state: LimeState) -> None:
         owners[layer].add_module(ROUTER_ATTR, router)
         state.router_owners[layer] = owners[layer]
 
-    by_module: dict[str, list[_Entry]] = {}
-    for site in sites:
-        for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
-            entry = _Entry(role, site.layer, src.start, src.end, site.num_kv_heads, owners[site.layer], site.layer in routed)
-            by_module.setdefault(src.module, []).append(entry)
-    for path, entries in by_module.items():
-        if any(e.start is None for e in entries) and len(entries) > 1:
-            raise LimeError(f"{path} is both K and V of a site with no slices; give K and V slices in LimeConfig(sites=...)")
-        module = model.get_submodule(path)
-        parent, name = _parent_and_name(model, path)
-        state.handles.append(module.register_forward_hook(_make_hook(state, entries, parent, name, module)))
+    _bind_producers(model, state)
 
     enclosing = _enclosing_module(model, sites)
     lifecycle = state.lifecycle
     state.handles.append(enclosing.register_forward_pre_hook(lambda mod, args: lifecycle.begin()))
     state.handles.append(enclosing.register_forward_hook(lambda mod, args, out: lifecycle.end(), always_call=True))
+
+
+def _bind_producers(model: nn.Module, state: LimeState) -> None:
+    """Hook whatever module now sits at each producer path (a PEFT wrapper after get_peft_model)."""
+    routed = set(state.router_layers)
+    by_module: dict[str, list[_Entry]] = {}
+    for site in state.sites:
+        owner = _resolve(model, site.attention, "attention module")
+        for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
+            entry = _Entry(role, site.layer, src.start, src.end, site.num_kv_heads, owner, site.layer in routed)
+            by_module.setdefault(src.module, []).append(entry)
+    for path, entries in by_module.items():
+        if any(e.start is None for e in entries) and len(entries) > 1:
+            raise LimeError(f"{path} is both K and V of a site with no slices; give K and V slices in LimeConfig(sites=...)")
+        module = _resolve(model, path, "K/V producer")
+        parent, name = _parent_and_name(model, path)
+        hook = _make_hook(state, entries, parent, name, module)
+        state.producer_handles.append(module.register_forward_hook(hook))
+
+
+def rebind(model: nn.Module) -> nn.Module:
+    """Re-attach LIMe's hooks after K/V projections were wrapped (e.g. by PEFT's LoRA)."""
+    found = _find_state(model)
+    if found is None:
+        raise LimeError(f"{type(model).__name__} is not limeified; call limeify(model) first")
+    owner, state = found
+    for handle in state.producer_handles:
+        handle.remove()
+    state.producer_handles.clear()
+    _bind_producers(owner, state)
+    return model
 
 
 def unlimeify(model: nn.Module) -> nn.Module:
@@ -252,14 +275,15 @@ def lime_state(model: nn.Module) -> LimeState:
 
 
 def active_router(module: nn.Module) -> Router:
-    """The router PEFT would use: unwraps ``modules_to_save`` wrappers to the active copy."""
-    saved = getattr(module, "modules_to_save", None)
-    if isinstance(saved, nn.ModuleDict):
-        names = getattr(module, "active_adapters", None) or [getattr(module, "active_adapter", None)]
-        name = names[0] if isinstance(names, (list, tuple)) else names
-        if name in saved and not getattr(module, "disable_adapters", False):
-            return saved[name]
-        return module.original_module
+    """The router a forward pass uses: unwraps PEFT wrappers to the active adapter's copy."""
+    for attr in ("modules_to_save", "ln_tuning_layers"):
+        copies = getattr(module, attr, None)
+        if isinstance(copies, nn.ModuleDict):
+            names = getattr(module, "active_adapters", None) or [getattr(module, "active_adapter", None)]
+            name = names[0] if isinstance(names, (list, tuple)) else names
+            if name in copies and not getattr(module, "disable_adapters", False):
+                return copies[name]
+            return module.get_base_layer() if hasattr(module, "get_base_layer") else module.original_module
     return module
 
 

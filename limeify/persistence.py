@@ -1,0 +1,131 @@
+"""Saving and loading router adapters (safetensors + JSON, like PEFT) and converted checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LimeConfig
+from .discovery import discover_sites
+from .errors import LimeError
+from .injection import is_limeified, lime_state, limeify, routers, unlimeify
+from .routers import MECHANISMS
+from .sites import AttentionSite
+
+CONFIG_NAME = "lime_config.json"
+WEIGHTS_NAME = "lime_routers.safetensors"
+
+
+def fingerprint(sites: list[AttentionSite]) -> dict:
+    """What a router adapter depends on: depth and, per layer, heads and head sizes."""
+    def one(values):
+        values = list(values)
+        return values[0] if len(set(values)) == 1 else values
+
+    return {
+        "layers": len(sites),
+        "num_heads": one(s.num_heads for s in sites),
+        "num_kv_heads": one(s.num_kv_heads for s in sites),
+        "head_dim": one(s.head_dim for s in sites),
+    }
+
+
+def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Router tensors keyed ``routers.<layer>.<name>``, independent of the model's module paths."""
+    return {
+        f"routers.{layer}.{name}": t.detach().contiguous()
+        for layer, router in routers(model).items()
+        for name, t in router.state_dict().items()
+    }
+
+
+def save_lime_config(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``lime_config.json``: the LimeConfig, discovered sites, version and base fingerprint."""
+    from . import __version__
+
+    state = lime_state(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = state.config.to_dict()
+    config["sites"] = [s.to_dict() for s in state.sites]
+    meta = {"limeify_version": __version__, "fingerprint": fingerprint(state.sites), "config": config}
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def save_lime(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``lime_config.json`` and ``lime_routers.safetensors`` (router weights only)."""
+    directory = save_lime_config(model, directory)
+    save_file(router_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    return directory
+
+
+def read_lime(directory: str | os.PathLike) -> tuple[LimeConfig, dict, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without touching any model."""
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise LimeError(f"missing {path}; expected a directory written by limeify.save_lime")
+    try:
+        meta = json.loads(cfg_path.read_text())
+        config = LimeConfig.from_dict(meta["config"])
+        expected = meta["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LimeError(f"{cfg_path} is not a valid limeify config ({exc}); re-save it with limeify.save_lime") from exc
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LimeError(f"{weights_path} is corrupt or truncated ({exc}); re-save it with limeify.save_lime") from exc
+    return config, expected, tensors
+
+
+def _expected_shapes(config: LimeConfig, sites: list[AttentionSite]) -> dict[str, tuple]:
+    mechanism = MECHANISMS[config.mechanism]
+    shapes = {}
+    for layer in config.router_layers(len(sites)):
+        router = mechanism(layer, sites[layer], "identity", **config.mechanism_kwargs)
+        for name, t in router.state_dict().items():
+            shapes[f"routers.{layer}.{name}"] = tuple(t.shape)
+    return shapes
+
+
+def load_lime(model: nn.Module, directory: str | os.PathLike, example_inputs=None) -> nn.Module:
+    """Limeify an unmodified base model and load saved routers into it (in place).
+
+    Raises ``LimeError`` naming expected vs found on any mismatch (depth, heads, mechanism,
+    router keys or shapes, missing or corrupt files); the model is then left as it was.
+    """
+    config, expected, tensors = read_lime(directory)
+    if is_limeified(model):
+        raise LimeError("model is already limeified; load_lime expects the unmodified base model (call unlimeify first)")
+    sites = discover_sites(model, example_inputs)
+    found = fingerprint(sites)
+    if found != expected:
+        diffs = ", ".join(f"{k}: expected {expected.get(k)} found {found.get(k)}" for k in found if found[k] != expected.get(k))
+        raise LimeError(f"the adapter in {directory} was saved for another model ({diffs})")
+    config.sites = sites
+    shapes = _expected_shapes(config, sites)
+    missing = sorted(set(shapes) - set(tensors))
+    extra = sorted(set(tensors) - set(shapes))
+    wrong = sorted(k for k in set(shapes) & set(tensors) if tuple(tensors[k].shape) != shapes[k])
+    if missing or extra or wrong:
+        raise LimeError(
+            f"router weights in {directory} do not match mechanism {config.mechanism!r}: "
+            f"missing {missing or 'none'}, unexpected {extra or 'none'}, wrong shape {wrong or 'none'}"
+        )
+    limeify(model, config)
+    try:
+        for layer, router in routers(model).items():
+            prefix = f"routers.{layer}."
+            router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    except BaseException:
+        unlimeify(model)
+        raise
+    return model
