@@ -1,6 +1,7 @@
 """limeify: retrofit Layer-Integrated Memory (LIMe) onto existing transformer models."""
 
 from .config import LimeConfig
+from .conversion import convert, from_pretrained
 from .discovery import discover_sites
 from .errors import LimeError
 from .injection import describe, is_limeified, limeify, rebind, router_parameters, routers, unlimeify
@@ -19,6 +20,8 @@ __all__ = [
     "LimeError",
     "Router",
     "available_mechanisms",
+    "convert",
+    "from_pretrained",
     "describe",
     "discover_sites",
     "get_lime_peft_model",

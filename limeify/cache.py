@@ -42,13 +42,31 @@ class ValueCache:
     double-counts it.
     """
 
-    __slots__ = ("num_layers", "buffers", "grads", "grad_task", "__weakref__")
+    __slots__ = ("num_layers", "buffers", "grads", "grad_task", "memo", "__weakref__")
 
     def __init__(self, num_layers: int) -> None:
         self.num_layers = num_layers
         self.buffers: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.grad_task: dict[str, int] = {}
+        # Per-layer values a router computes once and reuses for K and V (see ``memoized``).
+        self.memo: dict[int, tuple] = {}
+
+    def memoized(self, layer: int, key: torch.Tensor, compute):
+        """``compute()`` once per ``(layer, key)``: the first call stores it, the second takes it.
+
+        Routers whose weights depend on the layer's input (``key``, the hidden state) call this
+        for K and for V; both see the same input tensor, so V reuses what K computed. The entry
+        is dropped on reuse and matched by identity through a weak reference, so a re-run of the
+        layer (activation recomputation) with a new input tensor computes afresh.
+        """
+        entry = self.memo.get(layer)
+        if entry is not None and entry[0]() is key:
+            del self.memo[layer]
+            return entry[1]
+        value = compute()
+        self.memo[layer] = (weakref.ref(key), value)
+        return value
 
     def write(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> torch.Tensor:
         slots = to_slots(raw.detach(), heads)
@@ -125,6 +143,68 @@ class _StaticMix(torch.autograd.Function):
             gbuf[:n].addmm_(weight.t().to(g.dtype), g)
             grad_raw = from_slots(gbuf[ctx.layer * heads : n], grad)
         return grad_w, grad_raw, None, None, None
+
+
+class _TokenMix(torch.autograd.Function):
+    """``out[t, g] = sum_j coef[t, g, j] * K_j[t, g]``: per-token weights, head g reads head g.
+
+    Like :class:`_StaticMix` it saves only the shared buffer (and the small ``coef``) and adds
+    the sources' gradients into the shared gradient buffer instead of returning them.
+    """
+
+    @staticmethod
+    def forward(ctx, coef, raw, cache, role, layer):
+        heads = coef.shape[-2]
+        buf = cache.write(role, layer, raw, heads)
+        ctx.save_for_backward(coef, buf)
+        ctx.cache, ctx.role, ctx.layer = cache, role, layer
+        return _token_mix(coef, buf, raw, layer)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        coef, buf = ctx.saved_tensors
+        heads, n_src = coef.shape[-2], coef.shape[-1]
+        n = n_src * heads
+        d = grad.shape[-1] // heads
+        src = buf[:n].view(n_src, heads, -1, d)  # [J, G, M, d]
+        g = grad.reshape(-1, heads, d).to(buf.dtype)  # [M, G, d]
+        c = coef.reshape(-1, heads, n_src).to(buf.dtype)  # [M, G, J]
+        grad_c = grad_raw = None
+        if ctx.needs_input_grad[0]:
+            grad_c = torch.einsum("mgd,jgmd->mgj", g, src).reshape(coef.shape).to(coef.dtype)
+        if ctx.needs_input_grad[1]:
+            gbuf = ctx.cache.grad_buffer(ctx.role, buf)
+            gbuf[:n].view(n_src, heads, -1, d).add_(torch.einsum("mgj,mgd->jgmd", c, g))
+            grad_raw = from_slots(gbuf[ctx.layer * heads : n], grad)
+        return grad_c, grad_raw, None, None, None
+
+
+def _token_mix(coef: torch.Tensor, buf: torch.Tensor, raw: torch.Tensor, layer: int) -> torch.Tensor:
+    heads, n_src = coef.shape[-2], coef.shape[-1]
+    d = raw.shape[-1] // heads
+    src = buf[: n_src * heads].view(n_src, heads, -1, d)  # [J, G, M, d]
+    c = coef.reshape(-1, heads, n_src).to(buf.dtype)  # [M, G, J]
+    return torch.einsum("mgj,jgmd->mgd", c, src).reshape(raw.shape)
+
+
+def token_mix(
+    coef: torch.Tensor, raw: torch.Tensor, cache: ValueCache, role: str, layer: int
+) -> torch.Tensor:
+    """Mix layers ``0..layer`` per token: ``coef`` ``[..., G, layer+1]`` (leading dims of ``raw``).
+
+    Head ``g`` of the output is ``sum_j coef[..., g, j] * raw_j[..., g, :]``; memory as in
+    :func:`static_mix` (only the shared buffer and ``coef`` are kept for backward).
+    """
+    if coef.shape[-1] != layer + 1 or coef.shape[:-2] != raw.shape[:-1]:
+        raise LimeError(
+            f"layer {layer}: per-token weights of shape {tuple(coef.shape)} do not fit K/V of "
+            f"shape {tuple(raw.shape)} (expected [..., G, {layer + 1}] with the same leading dims)"
+        )
+    if torch.is_grad_enabled() and (raw.requires_grad or coef.requires_grad):
+        return _TokenMix.apply(coef, raw, cache, role, layer)
+    buf = cache.write(role, layer, raw, coef.shape[-2])
+    return _token_mix(coef, buf, raw, layer)
 
 
 def record(raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: int) -> torch.Tensor:

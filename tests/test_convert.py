@@ -1,0 +1,126 @@
+"""`limeify convert` and limeify.from_pretrained: atomic output, untouched source, equal logits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import limeify
+from limeify import LimeError
+
+from conftest import example_for, make_llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _checksums(directory: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+@pytest.fixture
+def src(tmp_path):
+    path = tmp_path / "src"
+    make_llama().save_pretrained(path)
+    return path
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "limeify.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300, **kw)
+
+
+def test_convert_cli_roundtrip(src, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    before = _checksums(src)
+    dst = tmp_path / "dst"
+    run = _cli("convert", src, dst)
+    assert run.returncode == 0, run.stderr
+    assert "max abs logit diff = 0" in run.stdout
+    assert {"config.json", "model.safetensors", "lime_config.json", "lime_routers.safetensors"} <= set(os.listdir(dst))
+    assert _checksums(src) == before
+
+    x = example_for("llama")
+    base = LlamaForCausalLM.from_pretrained(src).eval()
+    plain = LlamaForCausalLM.from_pretrained(dst).eval()
+    lime = limeify.from_pretrained(dst)
+    assert limeify.is_limeified(lime) and not limeify.is_limeified(plain)
+    with torch.no_grad():
+        ref = base(x).logits
+        assert torch.equal(plain(x).logits, ref)
+        assert torch.equal(lime(x).logits, ref)
+
+    again = _cli("convert", src, dst)
+    assert again.returncode == 2 and "--force" in again.stderr
+    from limeify.cli import main
+
+    assert main(["convert", str(src), str(dst), "--force", "--init", "paper"]) == 0
+    assert _checksums(src) == before
+
+
+def test_convert_errors(tmp_path, src):
+    with pytest.raises(LimeError, match="neither"):
+        limeify.convert(tmp_path / "nothing", tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(LimeError, match="exists"):
+        limeify.convert(src, tmp_path / "out")
+    with pytest.raises(LimeError, match="no lime_config.json"):
+        limeify.from_pretrained(src)
+
+
+SLOW_CONVERT = """
+import sys, time
+import limeify.conversion as c
+real = c.save_lime
+def slow(model, path):
+    real(model, path)
+    print("WRITING", flush=True)
+    time.sleep(60)
+c.save_lime = slow
+c.convert(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_interrupted_convert_leaves_no_destination(src, tmp_path, sig):
+    before = _checksums(src)
+    dst = tmp_path / "dst"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(src), str(dst)], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    try:
+        assert any(line.strip() == "WRITING" for line in iter(proc.stdout.readline, ""))
+        partial = [p for p in tmp_path.iterdir() if p.name.startswith(".dst.limeify-")]
+        assert partial and (partial[0] / "model.safetensors").exists()
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert not dst.exists()
+    if sig == signal.SIGTERM:
+        assert not any(p.name.startswith(".dst.limeify-") for p in tmp_path.iterdir())
+    assert _checksums(src) == before
+
+
+@pytest.mark.real_model
+def test_convert_real_smollm2(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from common import load_smollm2, smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    dst = tmp_path / "smollm2-lime"
+    limeify.convert(gguf, dst)
+    base, tokenizer = load_smollm2()
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    lime = limeify.from_pretrained(dst)
+    assert len(limeify.router_parameters(lime)) == 29
+    with torch.no_grad():
+        ref = base(ids).logits
+        out = lime(ids).logits
+    assert (out - ref).abs().max().item() <= 1e-4
