@@ -13,6 +13,7 @@ EPILOG = """examples:
   limeify convert ./SmolLM2-135M ./smollm2-lime
   limeify convert model.Q4_1.gguf ./smollm2-lime --dtype float32 --force
   limeify sites ./smollm2-lime
+  limeify analyze ./smollm2-lime --text notes.txt --out ./analysis
 then in Python:  model = limeify.from_pretrained("./smollm2-lime")
 """
 
@@ -31,6 +32,32 @@ def _sites(args: argparse.Namespace) -> int:
     from .sites import format_sites
 
     print(format_sites(discover_sites(load_pretrained_base(args.model))))
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .conversion import _source, from_pretrained, load_pretrained_base
+    from .injection import limeify
+    from .persistence import CONFIG_NAME
+    from .report import analyze
+
+    path = Path(args.model)
+    if (path / CONFIG_NAME).is_file():
+        model = from_pretrained(path)
+    else:
+        model = limeify(load_pretrained_base(path), LimeConfig(mechanism=args.mechanism))
+    directory, extra = _source(path)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
+    text = Path(args.text).read_text()
+    summary = analyze(model, tokenizer, text, args.out, seq_len=args.seq_len, max_chunks=args.max_chunks,
+                      probe_words=args.probe_words.split(","))
+    print(f"wrote {Path(args.out) / 'report.md'}")
+    for key, value in summary.items():
+        print(f"  {key}: {value}")
     return 0
 
 
@@ -69,6 +96,29 @@ def build_parser() -> argparse.ArgumentParser:
                            "the modules (and slices) producing K and V, heads and head size.")
     sites.add_argument("model", help="transformers checkpoint directory or .gguf file")
     sites.set_defaults(func=_sites)
+    ana = sub.add_parser(
+        "analyze",
+        help="router heatmaps, entropy, probes and depthwise circuits on a text",
+        description="Run a limeified checkpoint (from `limeify convert`, or any checkpoint, which is "
+        "then limeified with --mechanism) and its base model over a text and write to OUT: "
+        "report.md (opens with a summary table), router_heatmap.png (mean |weight| per layer and "
+        "source layer, normalized per layer; for dynamic routers averaged over the text's tokens), "
+        "entropy.png (per-layer matrix Renyi entropy, alpha 0.5), probe.png (linear-probe "
+        "separability of --probe-words), circuits.md (dynamic mechanism: top tokens per layer, "
+        "source depth and head) and analysis.json.",
+        epilog="example: limeify analyze ./smollm2-lime --text notes.txt --out ./analysis",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ana.add_argument("model", help="checkpoint directory (limeified or not) or .gguf file")
+    ana.add_argument("--text", required=True, help="UTF-8 text file to run the model on")
+    ana.add_argument("--out", required=True, help="output directory for the report")
+    ana.add_argument("--mechanism", default="static", choices=available_mechanisms(),
+                     help="mechanism used when MODEL is not limeified yet (default: static)")
+    ana.add_argument("--seq-len", type=int, default=128, help="tokens per chunk (default: 128)")
+    ana.add_argument("--max-chunks", type=int, default=8, help="chunks of the text to analyse (default: 8)")
+    ana.add_argument("--probe-words", default="is,are,was,were",
+                     help="comma-separated words whose tokens the probe separates (default: is,are,was,were)")
+    ana.set_defaults(func=_analyze)
     return parser
 
 

@@ -90,7 +90,7 @@ def _expected_shapes(config: LimeConfig, sites: list[AttentionSite]) -> dict[str
     mechanism = MECHANISMS[config.mechanism]
     shapes = {}
     for layer in config.router_layers(len(sites)):
-        router = mechanism(layer, sites[layer], "identity", **config.mechanism_kwargs)
+        router = mechanism(layer, sites[layer], config.init, **config.mechanism_kwargs)
         for name, t in router.state_dict().items():
             shapes[f"routers.{layer}.{name}"] = tuple(t.shape)
     return shapes
