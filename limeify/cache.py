@@ -69,20 +69,23 @@ class ValueCache:
         return value
 
     def write(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> torch.Tensor:
-        slots = to_slots(raw.detach(), heads)
+        d = raw.shape[-1] // heads
+        per_head = raw.numel() // heads
         buf = self.buffers.get(role)
-        if buf is None or buf.shape[1] != slots.shape[1] or buf.dtype != slots.dtype:
+        if buf is None or buf.shape[1] != per_head or buf.dtype != raw.dtype:
             if layer != 0 and buf is not None:
                 raise LimeError(
                     f"layer {layer} produced {role} of {tuple(raw.shape)}, which does not match "
                     f"earlier layers ({buf.shape[1]} values per head, {buf.dtype}); LIMe mixes "
                     "K/V across layers, so all layers must see the same tokens"
                 )
-            buf = slots.new_empty((self.num_layers * heads, slots.shape[1]))
+            buf = raw.new_empty((self.num_layers * heads, per_head))
             self.buffers[role] = buf
         # .data: later layers write their own slots in place; rows saved for backward by
         # earlier layers never change, so autograd's version check must not see these writes.
-        buf.data[layer * heads : (layer + 1) * heads].copy_(slots)
+        # One strided copy straight into the slot (the to_slots layout), no temporary.
+        rows = buf.data[layer * heads : (layer + 1) * heads]
+        rows.view(heads, -1, d).copy_(raw.detach().reshape(-1, heads, d).transpose(0, 1))
         return buf
 
     def grad_buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:

@@ -88,32 +88,51 @@ def _parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_path) if parent_path else model), name
 
 
-def _make_hook(state: LimeState, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module):
-    lifecycle = state.lifecycle
-    whole = len(entries) == 1 and entries[0].start is None
+class _ProducerHook:
+    """Forward hook on a K/V producer: record raw K/V, return the router's mix.
 
-    def hook(mod: nn.Module, args: tuple, output: Any) -> torch.Tensor:
-        if parent._modules.get(name) is not module:
+    A callable object rather than a closure so that ``copy.deepcopy`` of a limeified model
+    gives a copy whose hooks refer to the copy's own modules, routers and value cache.
+    """
+
+    def __init__(self, lifecycle: CacheLifecycle, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module) -> None:
+        self.lifecycle, self.entries = lifecycle, entries
+        self.parent, self.name, self.module = parent, name, module
+        self.whole = len(entries) == 1 and entries[0].start is None
+
+    def __call__(self, mod: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+        if self.parent._modules.get(self.name) is not self.module:
             raise LimeError(
-                f"{name!r} was replaced after limeify (e.g. wrapped by get_peft_model with LoRA on "
+                f"{self.name!r} was replaced after limeify (e.g. wrapped by get_peft_model with LoRA on "
                 "it), so LIMe would mix K/V before the wrapper's change; call "
                 "limeify.rebind(model) after wrapping (get_lime_peft_model does this for you)"
             )
         hidden = args[0] if args else None
         mixed = []
-        for e in entries:
-            cache = lifecycle.current(e.layer)
+        for e in self.entries:
+            cache = self.lifecycle.current(e.layer)
             raw = output if e.start is None else output[..., e.start : e.end]
             if e.routed:
                 router = getattr(e.attention, ROUTER_ATTR)
                 mixed.append(router(raw, cache, e.role, hidden))
             else:
                 mixed.append(record(raw, cache, e.role, e.layer, e.heads))
-        if whole:
+        if self.whole:
             return mixed[0]
-        return _reassemble(output, entries, mixed)
+        return _reassemble(output, self.entries, mixed)
 
-    return hook
+
+class _ForwardBoundary:
+    """Pre-hook opening and forward hook closing the value cache on the enclosing module."""
+
+    def __init__(self, lifecycle: CacheLifecycle, opening: bool) -> None:
+        self.lifecycle, self.opening = lifecycle, opening
+
+    def __call__(self, mod: nn.Module, *args) -> None:
+        if self.opening:
+            self.lifecycle.begin()
+        else:
+            self.lifecycle.end()
 
 
 def _reassemble(output: torch.Tensor, entries: list[_Entry], mixed: list[torch.Tensor]) -> torch.Tensor:
@@ -220,9 +239,8 @@ def _install(model: nn.Module, state: LimeState) -> None:
     _bind_producers(model, state)
 
     enclosing = _enclosing_module(model, sites)
-    lifecycle = state.lifecycle
-    state.handles.append(enclosing.register_forward_pre_hook(lambda mod, args: lifecycle.begin()))
-    state.handles.append(enclosing.register_forward_hook(lambda mod, args, out: lifecycle.end(), always_call=True))
+    state.handles.append(enclosing.register_forward_pre_hook(_ForwardBoundary(state.lifecycle, True)))
+    state.handles.append(enclosing.register_forward_hook(_ForwardBoundary(state.lifecycle, False), always_call=True))
 
 
 def _bind_producers(model: nn.Module, state: LimeState) -> None:
@@ -239,7 +257,7 @@ def _bind_producers(model: nn.Module, state: LimeState) -> None:
             raise LimeError(f"{path} is both K and V of a site with no slices; give K and V slices in LimeConfig(sites=...)")
         module = _resolve(model, path, "K/V producer")
         parent, name = _parent_and_name(model, path)
-        hook = _make_hook(state, entries, parent, name, module)
+        hook = _ProducerHook(state.lifecycle, entries, parent, name, module)
         state.producer_handles.append(module.register_forward_hook(hook))
 
 
