@@ -51,7 +51,14 @@ def load_pretrained_base(src: str | os.PathLike, dtype: str = "float32") -> nn.M
         raise LimeError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(directory, local_files_only=True, **extra)
     cls = _model_class(config)
-    return cls.from_pretrained(directory, dtype=DTYPES[dtype], local_files_only=True, **extra).eval()
+    model = cls.from_pretrained(directory, dtype=DTYPES[dtype], local_files_only=True, **extra).eval()
+    if extra:
+        # transformers dequantizes GGUF tensors on load; the leftover quantizer marker only
+        # blocks save_pretrained of what are plain float weights now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
 
 
 def _probe_logits(model: nn.Module, inputs) -> torch.Tensor:
