@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
                 weights = [w.detach().cpu() for w in limeify.router_parameters(model)]
                 plot_router_heatmap(router_heatmap(weights, args.heads), out / "router_heatmap.png",
                                     layer_indices=list(limeify.routers(model)),
-                                    title=f"ViT LIMe routers after training (seed {seed})")
+                                    title=f"ViT LIMe routers, seed {seed}")
                 limeify.save_lime(model, out / "checkpoints" / "lime_routers")
             if seed == seeds[0] and not args.no_save:
                 from safetensors.torch import save_model
