@@ -33,7 +33,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import math
 import os
 import platform
 import statistics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -145,7 +144,3 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = _model_class(config).from_pretrained(path, local_files_only=True, **kwargs).eval()
     return load_lime(model, path)
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / CONFIG_NAME).read_text())

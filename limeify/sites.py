@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,6 @@ class AttentionSite:
     value_head_dim: int | None = None
     num_heads: int | None = None
     hidden_size: int | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def v_head_dim(self) -> int:
@@ -55,9 +54,7 @@ class AttentionSite:
         )
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("extra")
-        return data
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "AttentionSite":

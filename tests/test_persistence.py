@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 import limeify
-from limeify import LimeConfig, LimeError
+from limeify import LimeError
 
 from conftest import example_for, make_gpt2, make_llama
 
