@@ -1,11 +1,21 @@
 """The per-forward value cache and the autograd functions that read from it.
 
 Each forward pass gets one :class:`ValueCache`. Every attention layer writes its raw K (and
-V) into a preallocated buffer of shape ``[num_layers * G, N]`` (``N`` = tokens x head size),
-slot ``l`` holding layer ``l``. Layer ``l`` then mixes the contiguous prefix
-``buffer[: (l + 1) * G]`` with one matmul, so nothing is concatenated and the buffer, one
-copy of each layer's raw K/V, is the only extra activation kept for backward: memory is
-linear in depth.
+V) into a preallocated per-role buffer that holds all layers, slot ``l`` for layer ``l``.
+Layer ``l`` then mixes the first ``l + 1`` slots with one batched matmul over tokens, so
+nothing is concatenated and the buffer, one copy of each layer's raw K/V, is the only extra
+activation kept for backward: memory is linear in depth.
+
+The buffer is token-major, ``M`` tokens by ``L*G`` source heads by head size ``d``, so a
+layer's slot is written without transposing its output and the mix comes out in the layout
+the attention consumes. Its inner order depends on whether the forward can be
+differentiated (measured on CPU, GPT-2-small shape, see benchmarks/):
+
+* no grad: ``[M, L*G, d]``. The forward mix is a batch of ``[G, n] @ [n, d]`` products, the
+  fastest forward layout.
+* grad: ``[M, d, L*G]``. The backward contracts over tokens and head size; here they merge
+  into one dimension, so both backward products are single ``mm`` calls over a strided
+  view, which more than pays for a slower forward.
 
 Backward runs from the last layer down. Layer ``l`` adds ``W_l^T @ grad`` for all its sources
 into a gradient buffer of the same shape; by the time layer ``j`` runs its backward, every
@@ -23,29 +33,18 @@ from torch.autograd.function import once_differentiable
 from .errors import LimeError
 
 
-def to_slots(raw: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[..., G*d]`` -> ``[G, M*d]`` (head-major) so a router is a plain left matmul."""
-    d = raw.shape[-1] // heads
-    return raw.reshape(-1, heads, d).transpose(0, 1).reshape(heads, -1)
-
-
-def from_slots(mixed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    heads = mixed.shape[0]
-    d = like.shape[-1] // heads
-    return mixed.view(heads, -1, d).transpose(0, 1).reshape(like.shape)
-
-
 class ValueCache:
     """Raw K/V of every layer during one forward pass, keyed by layer index.
 
     Writes overwrite their slot, so re-running a layer (activation recomputation) never
-    double-counts it.
+    double-counts it. ``sources_last`` picks the ``[M, d, L*G]`` layout (for backward).
     """
 
-    __slots__ = ("num_layers", "buffers", "grads", "grad_task", "memo", "__weakref__")
+    __slots__ = ("num_layers", "sources_last", "buffers", "grads", "grad_task", "memo", "__weakref__")
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, sources_last: bool = False) -> None:
         self.num_layers = num_layers
+        self.sources_last = sources_last
         self.buffers: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.grad_task: dict[str, int] = {}
@@ -69,24 +68,28 @@ class ValueCache:
         return value
 
     def write(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> torch.Tensor:
+        """Store ``raw`` (``[..., G*d]``) in slot ``layer``; returns the role's buffer."""
         d = raw.shape[-1] // heads
-        per_head = raw.numel() // heads
+        tokens = raw.numel() // raw.shape[-1]
         buf = self.buffers.get(role)
-        if buf is None or buf.shape[1] != per_head or buf.dtype != raw.dtype:
+        shape = (tokens, d, self.num_layers * heads) if self.sources_last else (tokens, self.num_layers * heads, d)
+        if buf is None or buf.shape != shape or buf.dtype != raw.dtype:
             if layer != 0 and buf is not None:
                 raise LimeError(
                     f"layer {layer} produced {role} of {tuple(raw.shape)}, which does not match "
-                    f"earlier layers ({buf.shape[1]} values per head, {buf.dtype}); LIMe mixes "
-                    "K/V across layers, so all layers must see the same tokens"
+                    f"earlier layers ({tuple(buf.shape)} for {self.num_layers} layers, {buf.dtype}); "
+                    "LIMe mixes K/V across layers, so all layers must see the same tokens"
                 )
-            buf = raw.new_empty((self.num_layers * heads, per_head))
+            buf = raw.new_empty(shape)
             self.buffers[role] = buf
-        # .data: later layers write their own slots in place; rows saved for backward by
+        # .data: later layers write their own slots in place; slots saved for backward by
         # earlier layers never change, so autograd's version check must not see these writes.
-        # One strided copy straight into the slot (the to_slots layout), no temporary.
-        rows = buf.data[layer * heads : (layer + 1) * heads]
-        rows.view(heads, -1, d).copy_(raw.detach().reshape(-1, heads, d).transpose(0, 1))
+        self.sources(buf.data, (layer + 1) * heads)[:, layer * heads :].copy_(raw.detach().reshape(tokens, heads, d))
         return buf
+
+    def sources(self, buf: torch.Tensor, n: int) -> torch.Tensor:
+        """The first ``n`` source heads of ``buf`` (or of its gradient buffer) as ``[M, n, d]``."""
+        return buf[:, :, :n].transpose(1, 2) if self.sources_last else buf[:, :n]
 
     def grad_buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
         """Accumulated source gradients for this backward pass (new zeros for a new pass)."""
@@ -97,6 +100,11 @@ class ValueCache:
             self.grads[role] = gbuf
             self.grad_task[role] = task
         return gbuf
+
+
+def _mix_heads(weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``[G, n]`` x ``[M, n, d]`` -> ``[M, G, d]``: one batched matmul, the weight broadcast."""
+    return torch.bmm(weight.expand(src.shape[0], *weight.shape), src)
 
 
 class _Record(torch.autograd.Function):
@@ -111,40 +119,51 @@ class _Record(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        gbuf = ctx.cache.grads.get(ctx.role)
-        if gbuf is not None and ctx.cache.grad_task.get(ctx.role) == torch._C._current_graph_task_id():
-            rows = gbuf[ctx.layer * ctx.heads : (ctx.layer + 1) * ctx.heads]
-            grad = grad + from_slots(rows, grad)
+        cache = ctx.cache
+        gbuf = cache.grads.get(ctx.role)
+        if gbuf is not None and cache.grad_task.get(ctx.role) == torch._C._current_graph_task_id():
+            rows = cache.sources(gbuf, (ctx.layer + 1) * ctx.heads)[:, ctx.layer * ctx.heads :]
+            grad = grad + rows.reshape(grad.shape)
         return grad, None, None, None, None
 
 
 class _StaticMix(torch.autograd.Function):
-    """``out = W @ buffer[:(l+1)G]``: one matmul over all sources, saving only the shared buffer."""
+    """``out = W @ sources[:(l+1)G]`` per token, saving only the shared buffer."""
 
     @staticmethod
     def forward(ctx, weight, raw, cache, role, layer):
         heads = weight.shape[0]
         buf = cache.write(role, layer, raw, heads)
-        n = (layer + 1) * heads
-        mixed = torch.mm(weight.to(buf.dtype), buf[:n])
+        mixed = _mix_heads(weight.to(buf.dtype), cache.sources(buf, (layer + 1) * heads))
         ctx.save_for_backward(weight, buf)
         ctx.cache, ctx.role, ctx.layer = cache, role, layer
-        return from_slots(mixed, raw)
+        return mixed.view(raw.shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         weight, buf = ctx.saved_tensors
-        heads = weight.shape[0]
+        cache, heads = ctx.cache, weight.shape[0]
         n = (ctx.layer + 1) * heads
-        g = to_slots(grad, heads).to(buf.dtype)
+        w = weight.to(buf.dtype)
+        g = grad.reshape(-1, heads, grad.shape[-1] // heads).to(buf.dtype)  # [M, G, d]
+        if cache.sources_last:
+            # [M, d, L*G]: tokens and head size merge, so each product is one mm.
+            g = g.transpose(1, 2).reshape(-1, heads)  # [M*d, G]
         grad_w = grad_raw = None
         if ctx.needs_input_grad[0]:
-            grad_w = torch.mm(g, buf[:n].t()).to(weight.dtype)
+            if cache.sources_last:
+                grad_w = torch.mm(g.t(), buf.view(-1, buf.shape[-1])[:, :n])
+            else:
+                grad_w = torch.bmm(g, cache.sources(buf, n).transpose(1, 2)).sum(0)
+            grad_w = grad_w.to(weight.dtype)
         if ctx.needs_input_grad[1]:
-            gbuf = ctx.cache.grad_buffer(ctx.role, buf)
-            gbuf[:n].addmm_(weight.t().to(g.dtype), g)
-            grad_raw = from_slots(gbuf[ctx.layer * heads : n], grad)
+            gbuf = cache.grad_buffer(ctx.role, buf)
+            if cache.sources_last:
+                gbuf.view(-1, gbuf.shape[-1])[:, :n].addmm_(g, w)
+            else:
+                cache.sources(gbuf, n).baddbmm_(w.t().expand(g.shape[0], n, heads), g)
+            grad_raw = cache.sources(gbuf, n)[:, ctx.layer * heads :].reshape(grad.shape)
         return grad_w, grad_raw, None, None, None
 
 
@@ -161,34 +180,35 @@ class _TokenMix(torch.autograd.Function):
         buf = cache.write(role, layer, raw, heads)
         ctx.save_for_backward(coef, buf)
         ctx.cache, ctx.role, ctx.layer = cache, role, layer
-        return _token_mix(coef, buf, raw, layer)
+        return _token_mix(coef, cache, buf, raw)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         coef, buf = ctx.saved_tensors
+        cache = ctx.cache
         heads, n_src = coef.shape[-2], coef.shape[-1]
-        n = n_src * heads
-        d = grad.shape[-1] // heads
-        src = buf[:n].view(n_src, heads, -1, d)  # [J, G, M, d]
-        g = grad.reshape(-1, heads, d).to(buf.dtype)  # [M, G, d]
+        src = _token_sources(cache, buf, heads, n_src)  # [M, J, G, d]
+        g = grad.reshape(-1, heads, grad.shape[-1] // heads).to(buf.dtype)  # [M, G, d]
         c = coef.reshape(-1, heads, n_src).to(buf.dtype)  # [M, G, J]
         grad_c = grad_raw = None
         if ctx.needs_input_grad[0]:
-            grad_c = torch.einsum("mgd,jgmd->mgj", g, src).reshape(coef.shape).to(coef.dtype)
+            grad_c = torch.einsum("mgd,mjgd->mgj", g, src).reshape(coef.shape).to(coef.dtype)
         if ctx.needs_input_grad[1]:
-            gbuf = ctx.cache.grad_buffer(ctx.role, buf)
-            gbuf[:n].view(n_src, heads, -1, d).add_(torch.einsum("mgj,mgd->jgmd", c, g))
-            grad_raw = from_slots(gbuf[ctx.layer * heads : n], grad)
+            gbuf = cache.grad_buffer(ctx.role, buf)
+            _token_sources(cache, gbuf, heads, n_src).add_(torch.einsum("mgj,mgd->mjgd", c, g))
+            grad_raw = cache.sources(gbuf, n_src * heads)[:, ctx.layer * heads :].reshape(grad.shape)
         return grad_c, grad_raw, None, None, None
 
 
-def _token_mix(coef: torch.Tensor, buf: torch.Tensor, raw: torch.Tensor, layer: int) -> torch.Tensor:
+def _token_sources(cache: ValueCache, buf: torch.Tensor, heads: int, n_src: int) -> torch.Tensor:
+    return cache.sources(buf, n_src * heads).unflatten(1, (n_src, heads))
+
+
+def _token_mix(coef: torch.Tensor, cache: ValueCache, buf: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
     heads, n_src = coef.shape[-2], coef.shape[-1]
-    d = raw.shape[-1] // heads
-    src = buf[: n_src * heads].view(n_src, heads, -1, d)  # [J, G, M, d]
     c = coef.reshape(-1, heads, n_src).to(buf.dtype)  # [M, G, J]
-    return torch.einsum("mgj,jgmd->mgd", c, src).reshape(raw.shape)
+    return torch.einsum("mgj,mjgd->mgd", c, _token_sources(cache, buf, heads, n_src)).reshape(raw.shape)
 
 
 def token_mix(
@@ -207,7 +227,7 @@ def token_mix(
     if torch.is_grad_enabled() and (raw.requires_grad or coef.requires_grad):
         return _TokenMix.apply(coef, raw, cache, role, layer)
     buf = cache.write(role, layer, raw, coef.shape[-2])
-    return _token_mix(coef, buf, raw, layer)
+    return _token_mix(coef, cache, buf, raw)
 
 
 def record(raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: int) -> torch.Tensor:
@@ -226,7 +246,7 @@ def static_mix(
         return _StaticMix.apply(weight, raw, cache, role, layer)
     heads = weight.shape[0]
     buf = cache.write(role, layer, raw, heads)
-    return from_slots(torch.mm(weight.to(buf.dtype), buf[: (layer + 1) * heads]), raw)
+    return _mix_heads(weight.to(buf.dtype), cache.sources(buf, (layer + 1) * heads)).view(raw.shape)
 
 
 class CacheLifecycle:
@@ -244,9 +264,9 @@ class CacheLifecycle:
         self.grad_at_start = False
 
     def begin(self) -> None:
-        self.active = ValueCache(self.num_layers)
-        self.last = weakref.ref(self.active)
         self.grad_at_start = torch.is_grad_enabled()
+        self.active = ValueCache(self.num_layers, sources_last=self.grad_at_start)
+        self.last = weakref.ref(self.active)
 
     def end(self) -> None:
         self.active = None
