@@ -246,17 +246,22 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|")
 
 
-def write_markdown_table(rows: list[dict], path: str | Path) -> str:
-    """Write rows as a Markdown table (columns in first-seen key order) and return its text."""
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as the text of a Markdown table, columns in first-seen key order."""
     if not rows:
-        raise ValueError("write_markdown_table needs at least one row")
+        raise ValueError("a Markdown table needs at least one row")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     lines = [
         "| " + " | ".join(_cell(c) for c in columns) + " |",
         "|" + "---|" * len(columns),
         *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows),
     ]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown_table(rows: list[dict], path: str | Path) -> str:
+    """Write markdown_table(rows) to path and return its text."""
+    text = markdown_table(rows)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

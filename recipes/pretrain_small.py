@@ -28,7 +28,6 @@ final checkpoints (checkpoints/*.safetensors).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -42,31 +41,24 @@ for _p in (str(HERE), str(HERE.parent)):
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
-import limeify  # noqa: E402
-from common import chunk_tokens, pydoc_topics_documents, resolve_device, run_dir, set_seed, split_documents, write_json, write_markdown_table  # noqa: E402
-from limeify.analysis import layerwise_renyi_entropy, plot_lines, plot_router_heatmap, router_heatmap  # noqa: E402
+from common import chunk_tokens, pydoc_topics_documents, split_documents  # noqa: E402
+from limeify.analysis import layerwise_renyi_entropy, plot_lines  # noqa: E402
 from train_utils import (  # noqa: E402
-    Timer, add_run_args, autocast, ema, env_info, fmt_mean_std, lm_eval_loss, load_smollm2_tokenizer, lr_factor,
-    mean_std, param_groups, plot_panels, ppl,
+    VARIANT_COLORS, VARIANTS, RecipeRun, add_optimizer_args, autocast, ema, fmt_mean_std, lm_eval_loss,
+    load_smollm2_tokenizer, mean_std, plot_panels, ppl, recipe_parser, train_variant, variant_row,
 )
 
 RECIPE = "pretrain_small"
-VARIANTS = ("baseline", "lime")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Examples:\n"
-        "  python recipes/pretrain_small.py            # 1 seed, ~10 min on 2 CPU cores\n"
-        "  python recipes/pretrain_small.py --full     # seeds 0,1,2, mean +- std\n"
-        "  python recipes/pretrain_small.py --smoke    # tiny model, a few steps\n"
-        "  python recipes/pretrain_small.py --max-steps 2000 --batch-size 32 --device cuda",
-    )
-    add_run_args(p, seed_help="first seed; each seed fixes init, router init and data order")
+    p = recipe_parser(__doc__, [
+        "python recipes/pretrain_small.py            # 1 seed, ~10 min on 2 CPU cores",
+        "python recipes/pretrain_small.py --full     # seeds 0,1,2, mean +- std",
+        "python recipes/pretrain_small.py --smoke    # tiny model, a few steps",
+        "python recipes/pretrain_small.py --max-steps 2000 --batch-size 32 --device cuda",
+    ])
     p.add_argument("--full", action="store_true", help="run 3 seeds (seed, seed+1, seed+2) and report mean ± std")
     p.add_argument("--seeds", type=int, default=0, help="number of seeds (overrides --full; default 1, or 3 with --full)")
     p.add_argument("--max-steps", type=int, default=300, help="optimizer steps per model (default: %(default)s)")
@@ -77,14 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8, help="query heads (default: %(default)s)")
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads, GQA (default: %(default)s)")
     p.add_argument("--intermediate", type=int, default=704, help="SwiGLU MLP width (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=3e-3,
-                   help="peak lr of the base weights; the paper used 1e-3 for 150M-1B models trained much longer "
-                        "(default: %(default)s)")
-    p.add_argument("--router-lr", type=float, default=1e-2, help="peak lr of LIMe's routers (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.1,
-                   help="AdamW weight decay of base weight matrices; norms and routers get none (default: %(default)s)")
-    p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
+    add_optimizer_args(p, lr=3e-3, lr_help="peak lr of the base weights; the paper used 1e-3 for 150M-1B models "
+                                           "trained much longer")
     p.add_argument("--eval-every", type=int, default=50, help="held-out evaluation every N steps (default: %(default)s)")
     p.add_argument("--entropy-seqs", type=int, default=8, help="held-out sequences for the Renyi entropy (default: %(default)s)")
     p.add_argument("--full-vocab", action="store_true", help="keep SmolLM2's full 49,152-token vocabulary (much slower)")
@@ -120,58 +106,26 @@ def entropy_per_layer(model, chunks: torch.Tensor, device) -> list[float]:
 
 
 def train_one(variant: str, seed: int, args, vocab: int, pad_id: int, train: torch.Tensor, held: torch.Tensor, device) -> tuple[dict, torch.nn.Module]:
-    set_seed(seed)
-    model = build_model(args, vocab, pad_id)  # same base init for both variants
-    if variant == "lime":
-        limeify.limeify(model, limeify.LimeConfig(init="paper"))
-    model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_router = sum(p.numel() for p in limeify.router_parameters(model)) if variant == "lime" else 0
-    opt = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, args.router_lr if variant == "lime" else None),
-                            betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(seed)  # data order: same for both variants of a seed
-    need = args.max_steps * args.batch_size
-    order = torch.cat([torch.randperm(train.shape[0], generator=g) for _ in range(math.ceil(need / train.shape[0]))])[:need]
-    order = order.view(args.max_steps, args.batch_size)
-    timer = Timer()
-    losses, evals = [], [(0, lm_eval_loss(model, held, args.batch_size, device))]
-    model.train()
-    bar = tqdm(range(args.max_steps), desc=f"{variant} seed {seed}", dynamic_ncols=True)
-    for step in bar:
-        f = lr_factor(step, args.max_steps, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * f
-        ids = train[order[step]].to(device)
-        with autocast(device):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().item())
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
-            evals.append((step + 1, lm_eval_loss(model, held, args.batch_size, device)))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{evals[-1][1]:.3f}")
-            model.train()
-    model.eval()
+    def loss_fn(model, idx):
+        ids = train[idx].to(device)
+        return model(input_ids=ids, labels=ids).loss
+
+    t = train_variant(variant, seed, args, device, lambda: build_model(args, vocab, pad_id), train.shape[0], loss_fn,
+                      lambda model: lm_eval_loss(model, held, args.batch_size, device), metric="val", betas=(0.9, 0.95))
     result = {
-        "variant": variant, "seed": seed, "params": n_params, "router_params": n_router,
-        "train_losses": losses, "eval_curve": evals, "val_loss": evals[-1][1], "val_ppl": ppl(evals[-1][1]),
-        "renyi_entropy": entropy_per_layer(model, held[: args.entropy_seqs], device),
-        "train_time": timer.as_dict(),
+        "variant": variant, "seed": seed, "params": t.params, "router_params": t.router_params,
+        "train_losses": t.losses, "eval_curve": t.evals, "val_loss": t.evals[-1][1], "val_ppl": ppl(t.evals[-1][1]),
+        "renyi_entropy": entropy_per_layer(t.model, held[: args.entropy_seqs], device),
+        "train_time": t.timer.as_dict(),
     }
     print(f"{variant} seed {seed}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
-          f"{n_params:,} params ({n_router:,} router), {result['train_time']['wall_s']:.0f} s")
-    return result, model
+          f"{t.params:,} params ({t.router_params:,} router), {result['train_time']['wall_s']:.0f} s")
+    return result, t.model
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    total = Timer()
-    device = resolve_device(args.device)
-    out = run_dir(RECIPE, args.out_root)
-    print(f"[{RECIPE}] outputs -> {out}  (device {device}; seeds {args.seed_list})")
+    run = RecipeRun(RECIPE, args, args.seed_list, argv)
 
     print("Loading the SmolLM2 tokenizer (~15 s) and tokenizing pydoc_data topics ...", flush=True)
     tokenizer = load_smollm2_tokenizer()
@@ -190,31 +144,13 @@ def main(argv: list[str] | None = None) -> dict:
         train, held = remap[train], remap[held]
         vocab, pad_id = int(vocab_ids.numel()), int(remap[eos])
     print(f"  {train.shape[0]} train / {held.shape[0]} held-out chunks of {args.seq_len} tokens, vocabulary {vocab:,}")
+    run.write_config(vocab_size=vocab, vocab_compacted=vocab_ids is not None,
+                     data={"train_docs": len(train_docs), "held_out_docs": len(held_docs),
+                           "train_chunks": int(train.shape[0]), "held_out_chunks": int(held.shape[0]),
+                           "tokens_per_model": args.max_steps * args.batch_size * args.seq_len})
 
-    config = {"recipe": RECIPE, "args": vars(args), "env": env_info(device), "vocab_size": vocab,
-              "vocab_compacted": vocab_ids is not None,
-              "data": {"train_docs": len(train_docs), "held_out_docs": len(held_docs),
-                       "train_chunks": int(train.shape[0]), "held_out_chunks": int(held.shape[0]),
-                       "tokens_per_model": args.max_steps * args.batch_size * args.seq_len}}
-    write_json(config, out / "config.json")
-
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for seed in args.seed_list:
-        for variant in VARIANTS:
-            res, model = train_one(variant, seed, args, vocab, pad_id, train, held, device)
-            results[variant].append(res)
-            if variant == "lime" and seed == args.seed_list[0]:
-                weights = [w.detach().cpu() for w in limeify.router_parameters(model)]
-                plot_router_heatmap(router_heatmap(weights, args.kv_heads), out / "router_heatmap.png",
-                                    layer_indices=list(limeify.routers(model)),
-                                    title=f"LIMe routers, seed {seed}")
-                limeify.save_lime(model, out / "checkpoints" / "lime_routers")
-            if not args.no_save and seed == args.seed_list[0]:
-                from safetensors.torch import save_model
-
-                (out / "checkpoints").mkdir(exist_ok=True)
-                save_model(model, str(out / "checkpoints" / f"{variant}_seed{seed}.safetensors"))
-            del model
+    results = run.train_variants(lambda variant, seed: train_one(variant, seed, args, vocab, pad_id, train, held, run.device),
+                                 kv_heads=args.kv_heads, router_title="LIMe routers")
 
     # --- report ----------------------------------------------------------------------
     rows = []
@@ -224,51 +160,42 @@ def main(argv: list[str] | None = None) -> dict:
         ppls = [r["val_ppl"] for r in results[v]]
         summary[v] = {"val_loss_mean": mean_std(losses)[0], "val_loss_std": mean_std(losses)[1],
                       "val_ppl_mean": mean_std(ppls)[0], "val_ppl_std": mean_std(ppls)[1]}
-        rows.append({"model": "LLaMA baseline" if v == "baseline" else 'LIMe (limeify init="paper")',
-                     "params": f"{results[v][0]['params']:,}", "router params": f"{results[v][0]['router_params']:,}",
-                     "seeds": len(losses), "val loss": fmt_mean_std(losses), "val ppl": fmt_mean_std(ppls, 2),
-                     "train time / seed (s)": round(mean_std(r["train_time"]["wall_s"] for r in results[v])[0], 1)})
+        rows.append(variant_row("LLaMA baseline" if v == "baseline" else 'LIMe (limeify init="paper")', results[v],
+                                {"val loss": fmt_mean_std(losses), "val ppl": fmt_mean_std(ppls, 2)}))
     diffs = [100 * (l["val_ppl"] / b["val_ppl"] - 1) for b, l in zip(results["baseline"], results["lime"])]
     wins = sum(d < 0 for d in diffs)
     verdict = (f"LIMe vs baseline perplexity: {fmt_mean_std(diffs, 2)} % (negative = LIMe better); "
                f"LIMe lower in {wins} of {len(diffs)} seed(s). Paper (1B / 150M, FineWeb-Edu): -1.15% / -3.2%.")
-    table = write_markdown_table(rows, out / "results.md")
-    cmd = "python recipes/pretrain_small.py " + " ".join(sys.argv[1:] if argv is None else argv)
     ent = {v: [mean_std(vals)[0] for vals in zip(*(r["renyi_entropy"] for r in results[v]))] for v in VARIANTS}
     ent_rows = "| hidden state | " + " | ".join(str(i) for i in range(len(ent["baseline"]))) + " |\n"
     ent_rows += "|---|" + "---|" * len(ent["baseline"]) + "\n"
     for v in VARIANTS:
         ent_rows += f"| {v} | " + " | ".join(f"{x:.3f}" for x in ent[v]) + " |\n"
-    text = (f"# {RECIPE}: {args.layers}-layer LLaMA (hidden {args.hidden}, {args.heads} heads, {args.kv_heads} KV heads) "
-            f"from scratch, baseline vs LIMe\n\n" + table +
-            f"\nCommand: `{cmd.strip()}`\n\n{args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens per model, "
-            f"vocabulary {vocab:,}{' (compacted to corpus token types)' if vocab_ids is not None else ''}, "
-            f"validation = all {held.shape[0]} held-out chunks.\n\n{verdict}\n\n"
-            "## Matrix Renyi entropy (alpha 0.5) per hidden state, held-out text (0 = embeddings, last = after final norm)\n\n"
-            + ent_rows)
-    (out / "results.md").write_text(text)
+    table = run.write_results(
+        rows, f"{args.layers}-layer LLaMA (hidden {args.hidden}, {args.heads} heads, {args.kv_heads} KV heads) "
+              f"from scratch, baseline vs LIMe",
+        f"{args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens per model, "
+        f"vocabulary {vocab:,}{' (compacted to corpus token types)' if vocab_ids is not None else ''}, "
+        f"validation = all {held.shape[0]} held-out chunks.\n\n{verdict}\n\n"
+        "## Matrix Renyi entropy (alpha 0.5) per hidden state, held-out text (0 = embeddings, last = after final norm)\n\n"
+        + ent_rows)
 
     series, styles = {}, {}
-    colors = {"baseline": "tab:blue", "lime": "tab:orange"}
     for v in VARIANTS:
-        for i, r in enumerate(results[v]):
+        for r in results[v]:
             label = f"{v} train" + (f" s{r['seed']}" if len(results[v]) > 1 else "")
             series[label] = (range(1, len(r["train_losses"]) + 1), ema(r["train_losses"], 0.1))
-            styles[label] = {"color": colors[v], "alpha": 0.5, "linewidth": 1}
+            styles[label] = {"color": VARIANT_COLORS[v], "alpha": 0.5, "linewidth": 1}
             label = f"{v} val" + (f" s{r['seed']}" if len(results[v]) > 1 else "")
             series[label] = ([s for s, _ in r["eval_curve"]], [x for _, x in r["eval_curve"]])
-            styles[label] = {"color": colors[v], "marker": "o", "linewidth": 2}
-    plot_panels(out / "loss_curves.png", [{"title": f"baseline vs LIMe, {len(args.seed_list)} seed(s)", "xlabel": "step",
-                                            "ylabel": "loss (nats/token)", "series": series, "styles": styles}])
-    plot_lines({v: ent[v] for v in VARIANTS}, out / "renyi_entropy.png", xlabel="hidden state (0 = embeddings)",
+            styles[label] = {"color": VARIANT_COLORS[v], "marker": "o", "linewidth": 2}
+    plot_panels(run.out / "loss_curves.png", [{"title": f"baseline vs LIMe, {len(args.seed_list)} seed(s)", "xlabel": "step",
+                                                "ylabel": "loss (nats/token)", "series": series, "styles": styles}])
+    plot_lines({v: ent[v] for v in VARIANTS}, run.out / "renyi_entropy.png", xlabel="hidden state (0 = embeddings)",
                ylabel="matrix Renyi entropy (alpha=0.5)", title="Representation entropy per layer (held-out)")
 
-    metrics = {"summary": summary, "runs": results, "ppl_change_percent": diffs, "verdict": verdict,
-               "renyi_entropy_mean": ent, "total_time": total.as_dict()}
-    write_json(metrics, out / "metrics.json")
-    print("\n" + table + "\n" + verdict)
-    print(f"\nOutputs in {out}. Total {total.wall / 60:.1f} min wall, {total.cpu / 60:.1f} min CPU.")
-    return {"out": str(out), "metrics": metrics}
+    return run.finish({"summary": summary, "runs": results, "ppl_change_percent": diffs, "verdict": verdict,
+                       "renyi_entropy_mean": ent}, table, verdict)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Training-loop plumbing shared by the recipes: argparse flags, timing, autocast, evaluation, plots.
+"""Training-run plumbing shared by the recipes: argparse flags, timing, autocast, evaluation, plots,
+and the skeleton of a from-scratch baseline-vs-LIMe comparison (RecipeRun, train_variant).
 
 Import it next to `common` (the recipe scripts put their own directory on sys.path, so both
 `python recipes/x.py` and `from recipes import x` work).
@@ -14,16 +15,26 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import limeify
+from limeify.analysis import plot_router_heatmap, router_heatmap
 
 try:  # run as a script from recipes/ (its directory is on sys.path) ...
-    from common import _force_hub_offline, smollm2_gguf_path
+    from common import _force_hub_offline, markdown_table, resolve_device, run_dir, set_seed, smollm2_gguf_path, write_json
 except ImportError:  # ... or imported as the package `recipes`
-    from recipes.common import _force_hub_offline, smollm2_gguf_path
+    from recipes.common import (
+        _force_hub_offline, markdown_table, resolve_device, run_dir, set_seed, smollm2_gguf_path, write_json,
+    )
+
+VARIANTS = ("baseline", "lime")
+VARIANT_COLORS = {"baseline": "tab:blue", "lime": "tab:orange"}
 
 
 def add_run_args(parser: argparse.ArgumentParser, seed_help: str = "random seed (data order, init)") -> None:
@@ -36,6 +47,24 @@ def add_run_args(parser: argparse.ArgumentParser, seed_help: str = "random seed 
                         help="outputs go to <out-root>/<recipe>/<timestamp>/ (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
                         help="a handful of steps on a tiny slice, to check the recipe end to end (~1 min)")
+
+
+def recipe_parser(doc: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """Parser of a baseline-vs-LIMe recipe: the docstring's first paragraph, usage examples, the run flags."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Examples:\n" + "\n".join("  " + e for e in examples))
+    add_run_args(p, seed_help="first seed; each seed fixes init, router init and data order")
+    return p
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, lr_help: str = "peak lr of the base weights") -> None:
+    """--lr, --router-lr, --weight-decay, --warmup, --grad-clip; the router lr and decay are the paper's."""
+    parser.add_argument("--lr", type=float, default=lr, help=lr_help + " (default: %(default)s)")
+    parser.add_argument("--router-lr", type=float, default=1e-2, help="peak lr of LIMe's routers (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=0.1,
+                        help="AdamW weight decay of base weight matrices; norms and routers get none (default: %(default)s)")
+    parser.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default: %(default)s)")
 
 
 class Timer:
@@ -107,8 +136,6 @@ def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, router_
     """AdamW groups as in the LIMe paper: weight matrices lr/weight_decay, 1-D params (norms,
     biases) no decay, and, when `router_lr` is given (limeified model), the routers at
     `router_lr` with no decay. Each group remembers its peak lr as "peak_lr" for schedules."""
-    import limeify
-
     groups, router_ids = [], set()
     if router_lr is not None:
         groups = limeify.router_param_groups(model, router_lr=router_lr, router_weight_decay=0.0)
@@ -206,3 +233,128 @@ def load_smollm2_tokenizer() -> Any:
 
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ----------------------------------------------------------------------------- baseline vs LIMe from scratch
+
+
+@dataclass
+class TrainedVariant:
+    """What train_variant returns: the model (in eval mode), its size, and its training curves."""
+
+    model: torch.nn.Module
+    params: int
+    router_params: int
+    losses: list[float]
+    evals: list[tuple[int, float]]  # (step, evaluate(model))
+    timer: Timer  # started just before the step-0 evaluation; the caller decides when to read it
+
+
+def train_variant(variant: str, seed: int, args: argparse.Namespace, device: torch.device,
+                  build: Callable[[], torch.nn.Module], n_examples: int,
+                  loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+                  evaluate: Callable[[torch.nn.Module], float], metric: str,
+                  betas: tuple[float, float] = (0.9, 0.999)) -> TrainedVariant:
+    """Build one variant ("lime": limeify(init="paper")) and train it for args.max_steps AdamW steps.
+
+    `loss_fn(model, example_indices)` runs under autocast. `evaluate(model)` runs at step 0, every
+    args.eval_every steps and after the last; `metric` names its value on the progress bar.
+    """
+    set_seed(seed)
+    model = build()  # right after seeding, so both variants of a seed share the base-weight init
+    if variant == "lime":
+        limeify.limeify(model, limeify.LimeConfig(init="paper"))
+    model.to(device)
+    params = sum(p.numel() for p in model.parameters())
+    router_params = sum(p.numel() for p in limeify.router_parameters(model)) if variant == "lime" else 0
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, args.router_lr if variant == "lime" else None),
+                            betas=betas)
+    g = torch.Generator().manual_seed(seed)  # data order: same for both variants of a seed
+    need = args.max_steps * args.batch_size
+    order = torch.cat([torch.randperm(n_examples, generator=g) for _ in range(math.ceil(need / n_examples))])[:need]
+    order = order.view(args.max_steps, args.batch_size)
+    timer = Timer()
+    losses, evals = [], [(0, evaluate(model))]
+    model.train()
+    bar = tqdm(range(args.max_steps), desc=f"{variant} seed {seed}", dynamic_ncols=True)
+    for step in bar:
+        f = lr_factor(step, args.max_steps, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * f
+        with autocast(device):
+            loss = loss_fn(model, order[step])
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
+            evals.append((step + 1, evaluate(model)))
+            bar.set_postfix({"loss": f"{losses[-1]:.3f}", metric: f"{evals[-1][1]:.3f}"})
+    model.eval()
+    return TrainedVariant(model, params, router_params, losses, evals, timer)
+
+
+def variant_row(name: str, runs: list[dict], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A results-table row for one variant over its seeds: size, seed count, `metrics`, mean train time."""
+    return {"model": name, "params": f"{runs[0]['params']:,}", "router params": f"{runs[0]['router_params']:,}",
+            "seeds": len(runs), **metrics,
+            "train time / seed (s)": round(mean_std(r["train_time"]["wall_s"] for r in runs)[0], 1)}
+
+
+class RecipeRun:
+    """One invocation of a baseline-vs-LIMe recipe and its outputs in <out-root>/<recipe>/<timestamp>/."""
+
+    def __init__(self, recipe: str, args: argparse.Namespace, seeds: Sequence[int], argv: Sequence[str] | None) -> None:
+        self.total = Timer()
+        self.recipe, self.args, self.seeds, self.argv = recipe, args, list(seeds), argv
+        self.device = resolve_device(args.device)
+        self.out = run_dir(recipe, args.out_root)
+        print(f"[{recipe}] outputs -> {self.out}  (device {self.device}; seeds {self.seeds})")
+
+    def write_config(self, **details: Any) -> None:
+        write_json({"recipe": self.recipe, "args": vars(self.args), "env": env_info(self.device), **details},
+                   self.out / "config.json")
+
+    def train_variants(self, train_one: Callable[[str, int], tuple[dict, torch.nn.Module]], kv_heads: int,
+                       router_title: str) -> dict[str, list[dict]]:
+        """train_one(variant, seed) for every seed and variant. From the first seed it keeps the LIMe
+        router heatmap, the routers (limeify.save_lime) and, unless --no-save, both models' weights."""
+        results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        for seed in self.seeds:
+            for variant in VARIANTS:
+                result, model = train_one(variant, seed)
+                results[variant].append(result)
+                if seed == self.seeds[0]:
+                    self._save_first_seed(model, variant, seed, kv_heads, router_title)
+                del model  # before the next variant is built: two models need not fit at once
+        return results
+
+    def _save_first_seed(self, model: torch.nn.Module, variant: str, seed: int, kv_heads: int, router_title: str) -> None:
+        checkpoints = self.out / "checkpoints"
+        if variant == "lime":
+            weights = [w.detach().cpu() for w in limeify.router_parameters(model)]
+            plot_router_heatmap(router_heatmap(weights, kv_heads), self.out / "router_heatmap.png",
+                                layer_indices=list(limeify.routers(model)), title=f"{router_title}, seed {seed}")
+            limeify.save_lime(model, checkpoints / "lime_routers")
+        if not self.args.no_save:
+            from safetensors.torch import save_model
+
+            checkpoints.mkdir(exist_ok=True)
+            save_model(model, str(checkpoints / f"{variant}_seed{seed}.safetensors"))
+
+    def write_results(self, rows: list[dict], title: str, notes: str) -> str:
+        """results.md: title, the table of `rows`, the command that reproduces the run, `notes`. Returns the table."""
+        table = markdown_table(rows)
+        cmd = f"python recipes/{self.recipe}.py " + " ".join(sys.argv[1:] if self.argv is None else self.argv)
+        (self.out / "results.md").write_text(f"# {self.recipe}: {title}\n\n{table}\nCommand: `{cmd.strip()}`\n\n{notes}")
+        return table
+
+    def finish(self, metrics: dict[str, Any], table: str, verdict: str) -> dict[str, Any]:
+        """Write metrics.json (plus the total time), print the summary and return {"out", "metrics"}."""
+        metrics = {**metrics, "total_time": self.total.as_dict()}
+        write_json(metrics, self.out / "metrics.json")
+        print("\n" + table + "\n" + verdict)
+        print(f"\nOutputs in {self.out}. Total {self.total.wall / 60:.1f} min wall, {self.total.cpu / 60:.1f} min CPU.")
+        return {"out": str(self.out), "metrics": metrics}
