@@ -40,7 +40,7 @@ class ValueCache:
     double-counts it. ``sources_last`` picks the ``[M, d, L*G]`` layout (for backward).
     """
 
-    __slots__ = ("num_layers", "sources_last", "buffers", "grads", "grad_task", "memo", "__weakref__")
+    __slots__ = ("num_layers", "sources_last", "buffers", "grads", "grad_task", "memo", "traced", "__weakref__")
 
     def __init__(self, num_layers: int, sources_last: bool = False) -> None:
         self.num_layers = num_layers
@@ -50,6 +50,8 @@ class ValueCache:
         self.grad_task: dict[str, int] = {}
         # Per-layer values a router computes once and reuses for K and V (see ``memoized``).
         self.memo: dict[int, tuple] = {}
+        # Under torch.compile: each layer's raw K/V as a graph value (see ``_traced_mix``).
+        self.traced: dict[str, list] = {}
 
     def memoized(self, layer: int, key: torch.Tensor, compute):
         """``compute()`` once per ``(layer, key)``: the first call stores it, the second takes it.
@@ -91,6 +93,12 @@ class ValueCache:
         """The first ``n`` source heads of ``buf`` (or of its gradient buffer) as ``[M, n, d]``."""
         return buf[:, :, :n].transpose(1, 2) if self.sources_last else buf[:, :n]
 
+    def traced_slots(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> list[torch.Tensor]:
+        """Layers ``0..layer``'s raw K/V as graph values, each ``[M, G, d]`` (torch.compile)."""
+        slots = self.traced.setdefault(role, [None] * self.num_layers)
+        slots[layer] = raw.reshape(-1, heads, raw.shape[-1] // heads)
+        return slots[: layer + 1]
+
     def grad_buffer(self, role: str, like: torch.Tensor) -> torch.Tensor:
         """Accumulated source gradients for this backward pass (new zeros for a new pass)."""
         task = torch._C._current_graph_task_id()
@@ -104,7 +112,35 @@ class ValueCache:
 
 def _mix_heads(weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``[G, n]`` x ``[M, n, d]`` -> ``[M, G, d]``: one batched matmul, the weight broadcast."""
-    return torch.bmm(weight.expand(src.shape[0], *weight.shape), src)
+    return torch.bmm(weight.to(src.dtype).expand(src.shape[0], *weight.shape), src)
+
+
+def _mix_tokens(coef: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``[..., G, J]`` x ``[M, J*G, d]`` -> ``[M, G, d]``: head g of token m reads head g."""
+    heads, n_src = coef.shape[-2], coef.shape[-1]
+    c = coef.reshape(-1, heads, n_src).to(src.dtype)
+    return torch.einsum("mgj,mjgd->mgd", c, src.unflatten(1, (n_src, heads)))
+
+
+def _traced_mix(mix, weight: torch.Tensor, raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: int) -> torch.Tensor:
+    """The mix without in-place writes, for torch.compile.
+
+    Compiled autograd cannot see through ``write``'s in-place slot writes (it would save the
+    buffer at one version and find it at another), so a compiled forward concatenates the
+    layers' raw K/V as ordinary graph values. Left alone, the compiler saves every layer's
+    concatenation for backward (memory quadratic in depth); the checkpoint region makes it
+    keep only the raw K/V and recompute the cheap concatenation in backward.
+    """
+    slots = cache.traced_slots(role, layer, raw, heads)
+
+    def mix_prefix(w: torch.Tensor, *prefix: torch.Tensor) -> torch.Tensor:
+        return mix(w, torch.cat(prefix, dim=1))
+
+    if torch.is_grad_enabled():
+        out = torch.utils.checkpoint.checkpoint(mix_prefix, weight, *slots, use_reentrant=False)
+    else:
+        out = mix_prefix(weight, *slots)
+    return out.reshape(raw.shape)
 
 
 class _Record(torch.autograd.Function):
@@ -134,7 +170,7 @@ class _StaticMix(torch.autograd.Function):
     def forward(ctx, weight, raw, cache, role, layer):
         heads = weight.shape[0]
         buf = cache.write(role, layer, raw, heads)
-        mixed = _mix_heads(weight.to(buf.dtype), cache.sources(buf, (layer + 1) * heads))
+        mixed = _mix_heads(weight, cache.sources(buf, (layer + 1) * heads))
         ctx.save_for_backward(weight, buf)
         ctx.cache, ctx.role, ctx.layer = cache, role, layer
         return mixed.view(raw.shape)
@@ -206,9 +242,7 @@ def _token_sources(cache: ValueCache, buf: torch.Tensor, heads: int, n_src: int)
 
 
 def _token_mix(coef: torch.Tensor, cache: ValueCache, buf: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-    heads, n_src = coef.shape[-2], coef.shape[-1]
-    c = coef.reshape(-1, heads, n_src).to(buf.dtype)  # [M, G, J]
-    return torch.einsum("mgj,mjgd->mgd", c, _token_sources(cache, buf, heads, n_src)).reshape(raw.shape)
+    return _mix_tokens(coef, cache.sources(buf, coef.shape[-1] * coef.shape[-2])).reshape(raw.shape)
 
 
 def token_mix(
@@ -224,6 +258,8 @@ def token_mix(
             f"layer {layer}: per-token weights of shape {tuple(coef.shape)} do not fit K/V of "
             f"shape {tuple(raw.shape)} (expected [..., G, {layer + 1}] with the same leading dims)"
         )
+    if torch.compiler.is_compiling():
+        return _traced_mix(_mix_tokens, coef, raw, cache, role, layer, coef.shape[-2])
     if torch.is_grad_enabled() and (raw.requires_grad or coef.requires_grad):
         return _TokenMix.apply(coef, raw, cache, role, layer)
     buf = cache.write(role, layer, raw, coef.shape[-2])
@@ -232,6 +268,9 @@ def token_mix(
 
 def record(raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: int) -> torch.Tensor:
     """Store a layer's raw K/V as a source for later layers; returns it unchanged."""
+    if torch.compiler.is_compiling():
+        cache.traced_slots(role, layer, raw, heads)
+        return raw
     if torch.is_grad_enabled() and raw.requires_grad:
         return _Record.apply(raw, cache, role, layer, heads)
     cache.write(role, layer, raw, heads)
@@ -242,11 +281,13 @@ def static_mix(
     weight: torch.Tensor, raw: torch.Tensor, cache: ValueCache, role: str, layer: int
 ) -> torch.Tensor:
     """Mix layers ``0..layer`` with ``weight`` of shape ``[G, (layer+1)*G]`` (LIME.md layout)."""
+    if torch.compiler.is_compiling():
+        return _traced_mix(_mix_heads, weight, raw, cache, role, layer, weight.shape[0])
     if torch.is_grad_enabled() and (raw.requires_grad or weight.requires_grad):
         return _StaticMix.apply(weight, raw, cache, role, layer)
     heads = weight.shape[0]
     buf = cache.write(role, layer, raw, heads)
-    return _mix_heads(weight.to(buf.dtype), cache.sources(buf, (layer + 1) * heads)).view(raw.shape)
+    return _mix_heads(weight, cache.sources(buf, (layer + 1) * heads)).view(raw.shape)
 
 
 class CacheLifecycle:

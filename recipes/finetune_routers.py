@@ -6,17 +6,28 @@ limeify it with the function-preserving identity init and print the max |logit d
 base model; fine-tune on Python's reference-manual topics (`pydoc_data`, split by document:
 every 5th document is held out); report held-out perplexity side by side with
 
-  * base      the pretrained model, no training;
-  * lime      LIMe, only the 4,176 router weights train;
-  * lora      LoRA control, rank and layers picked so its trainable-parameter count is as
-              close as possible to the router count;
-  * norm      control that trains only the RMSNorm gains (35,136 weights, ~8x the routers).
+  * base          the pretrained model, no training;
+  * lime          LIMe, only the 4,176 router weights train;
+  * lora          LoRA control, rank and layers picked so its trainable-parameter count is
+                  as close as possible to the router count (rank 1 on q_proj/v_proj of 2
+                  layers: 3,840);
+  * norm          control that trains all RMSNorm gains (35,136 weights, 8.4x the routers);
+  * norm_matched  (not run by default) only the 7 RMSNorm gain vectors, spread over depth,
+                  whose 4,032 weights come closest to the router count.
 
 Every trained method sees the same batches in the same order, for the same number of steps,
-with AdamW (no weight decay) at a constant learning rate. Router lr defaults to 3e-3: the
-paper's 1e-2 is for training from scratch; a retrofit trial (../shared/LIME.md) found
-1e-3..3e-3 best and 3e-2 diverging. A comma-separated list (`--lr-lime 1e-3,3e-3`) runs one
-row per learning rate, loading the model only once (use it to sweep every method fairly).
+with AdamW (no weight decay) at a constant learning rate. Default learning rates are the best
+of a sweep per method (seed 0, the default 32 steps, held-out ppl; base model 21.10):
+  lime          1e-3: 18.71   3e-3: 18.17   1e-2: 19.56
+  lora          1e-3: 20.43   3e-3: 19.86   1e-2: 19.95   3e-2: 20.13
+  norm          3e-4: 18.76   1e-3: 16.56   3e-3: 15.13   1e-2: 17.22
+  norm_matched  3e-3: 19.18   1e-2: 18.62   3e-2: 23.53
+So at an equal budget LIMe's routers beat LoRA and budget-matched norm tuning here, while
+tuning all 35k norm gains (8.4x the budget) beats LIMe. One seed, and the learning rates were
+picked on the same held-out chunks that are reported: small gaps are not conclusive.
+The paper's router lr of 1e-2 is for training from scratch; retrofits want less (LIME.md).
+A comma-separated list (`--lr-lime 1e-3,3e-3`) runs one row per learning rate and loads the
+model only once: that is how the sweep above was run.
 
 Outputs in runs/finetune_routers/<timestamp>/: config.json, metrics.json, results.md,
 loss_curves.png and lime_adapter/ (lime_config.json + lime_routers.safetensors, kilobytes).
@@ -61,8 +72,10 @@ from common import (  # noqa: E402
 from train_utils import Timer, add_run_args, autocast, ema, env_info, lm_eval_loss, plot_panels, ppl  # noqa: E402
 
 RECIPE = "finetune_routers"
-METHODS = ("lime", "lora", "norm")
-DEFAULT_LRS = {"lime": "3e-3", "lora": "1e-2", "norm": "1e-3"}
+METHODS = ("lime", "lora", "norm", "norm_matched")
+DEFAULT_METHODS = ("lime", "lora", "norm")
+# Best of a 3-point sweep per method (seed 0, 32 steps; see the module docstring).
+DEFAULT_LRS = {"lime": "3e-3", "lora": "3e-3", "norm": "3e-3", "norm_matched": "1e-2"}
 PROMPTS = [
     "What does the `with` statement do in Python?",
     "Explain what a Python generator is, in two sentences.",
@@ -81,9 +94,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "  python recipes/finetune_routers.py --max-steps 300 --seq-len 256 --batch-size 8 --device cuda",
     )
     add_run_args(p, seed_help="seed of the data order and of LoRA's init (every method gets the same)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated subset of %s to train; the base model is always evaluated "
-                        "(default: %%(default)s)" % ",".join(METHODS))
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated subset of %s to train; the base model is always evaluated. "
+                        "norm_matched trains only the k RMSNorm gain vectors (evenly spread over depth) whose "
+                        "count is closest to the router count (default: %%(default)s)" % ",".join(METHODS))
     p.add_argument("--max-steps", type=int, default=32, help="optimizer steps per method (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training/eval chunk (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="chunks per step, also the eval batch (default: %(default)s)")
@@ -94,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also evaluate held-out loss every N steps for the curves; 0 = only before and "
                         "after training (default: %(default)s)")
     for m in METHODS:
-        p.add_argument(f"--lr-{m}", default=DEFAULT_LRS[m],
+        p.add_argument(f"--lr-{m.replace('_', '-')}", default=DEFAULT_LRS[m],
                        help=f"learning rate(s) for {m}; a comma-separated list runs one row each "
                             f"(default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 = off (default: %(default)s)")
@@ -164,12 +178,20 @@ def make_lora(base: torch.nn.Module, plan: dict, alpha: float) -> torch.nn.Modul
     return model
 
 
-def make_norm_only(base: torch.nn.Module) -> torch.nn.Module:
+def make_norm_only(base: torch.nn.Module, budget: int | None = None) -> tuple[torch.nn.Module, list[str]]:
+    """Copy of `base` training only RMSNorm gains: all of them, or (with `budget`) the k gain
+    vectors evenly spread over depth whose total size is closest to `budget`."""
     model = copy.deepcopy(base)
+    norms = [name for name, _ in model.named_parameters() if "norm" in name.rsplit(".", 2)[-2]]
+    if budget is not None:
+        width = model.get_parameter(norms[0]).numel()
+        k = min(len(norms), max(1, round(budget / width)))
+        norms = [norms[i] for i in sorted({round(j * (len(norms) - 1) / max(1, k - 1)) for j in range(k)})]
+    chosen = set(norms)
     for name, p in model.named_parameters():
-        p.requires_grad_("norm" in name.rsplit(".", 2)[-2])
+        p.requires_grad_(name in chosen)
     limeify.print_trainable_parameters(model)
-    return model
+    return model, norms
 
 
 # ----------------------------------------------------------------------------- training
@@ -286,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     n_routers = None
 
     # --- LIMe ------------------------------------------------------------------------
-    if "lime" in args.methods or "lora" in args.methods:
+    if {"lime", "lora", "norm_matched"} & set(args.methods):
         timer = Timer()
         lime_proto = limeify.limeify(copy.deepcopy(base), limeify.LimeConfig(init="identity"))
         n_routers = sum(p.numel() for p in limeify.router_parameters(lime_proto))
@@ -349,15 +371,20 @@ def main(argv: list[str] | None = None) -> dict:
             del model
             gc.collect()
 
-    # --- norm-only control -----------------------------------------------------------
-    if "norm" in args.methods:
-        for lr in args.lrs["norm"]:
-            name = "norm" if len(args.lrs["norm"]) == 1 else f"norm@{fmt_lr(lr)}"
-            model = make_norm_only(base)
+    # --- norm-only controls ----------------------------------------------------------
+    for method in ("norm", "norm_matched"):
+        if method not in args.methods:
+            continue
+        for lr in args.lrs[method]:
+            name = method if len(args.lrs[method]) == 1 else f"{method}@{fmt_lr(lr)}"
+            model, norms = make_norm_only(base, n_routers if method == "norm_matched" else None)
+            if method == "norm_matched":
+                print(f"budget-matched norm-only: {len(norms)} RMSNorm gain vectors {norms}")
+                metrics["norm_matched_params"] = norms
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             set_seed(args.seed)
             res = train(model, lr, train_chunks, order, eval_chunks, args, device, f"{name} (RMSNorm gains, lr {fmt_lr(lr)})")
-            res.update({"method": "norm", "lr": lr, "trainable_params": trainable, "initial_eval_loss": base_loss})
+            res.update({"method": method, "lr": lr, "trainable_params": trainable, "initial_eval_loss": base_loss})
             if args.sample_tokens:
                 samples[name] = greedy_samples(model, tokenizer, PROMPTS, args.sample_tokens, device)
             runs[name] = res
@@ -366,7 +393,8 @@ def main(argv: list[str] | None = None) -> dict:
             gc.collect()
 
     # --- report ----------------------------------------------------------------------
-    labels = {"lime": "LIMe, routers only", "lora": "LoRA", "norm": "norm-only (RMSNorm gains)"}
+    labels = {"lime": "LIMe, routers only", "lora": "LoRA", "norm": "norm-only (all RMSNorm gains)",
+              "norm_matched": "norm-only, budget-matched"}
     rows = [{"method": "base (no training)", "trainable params": 0, "vs routers": "", "lr": "",
              "held-out loss": round(base_loss, 4), "held-out ppl": round(ppl(base_loss), 2), "ppl change": "",
              "train time (s)": ""}]

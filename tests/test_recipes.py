@@ -126,3 +126,18 @@ def test_lora_plan_matches_router_count():
     assert plan["rank"] * len(plan["layers"]) * 112 == plan["params"]
     assert abs(plan["params"] - 300) <= 112 // 2  # nearest multiple of 112 (336 = 3 layers, rank 1)
     assert plan["rank"] == 1 and len(plan["layers"]) == 3 and plan["layers"][0] == 0 and plan["layers"][-1] == 3
+
+
+def test_norm_only_controls_pick_norm_gains():
+    sys.path.insert(0, str(RECIPES))
+    from finetune_routers import make_norm_only
+    from conftest import make_llama
+
+    base = make_llama(layers=4)  # 4 x (input, post-attention) RMSNorm + final norm: 9 gains of 32
+    norms = [n for n, _ in base.named_parameters() if n.endswith("norm.weight")]
+    assert len(norms) == 9
+    model, chosen = make_norm_only(base, None)
+    assert chosen == norms and sum(p.numel() for p in model.parameters() if p.requires_grad) == 9 * 32
+    model, chosen = make_norm_only(base, budget=100)  # nearest multiple of 32: 3 gain vectors
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == chosen and len(chosen) == 3 and chosen[0] == norms[0] and chosen[-1] == norms[-1]

@@ -274,12 +274,8 @@ def test_identity_init_bf16_model_equals_base_exactly():
 
 
 def test_torch_compile_matches_eager():
-    """Eval/no_grad forward, default backend, one graph (fullgraph: hooks and routers trace without breaks).
-
-    Compiled *training* is not covered: it graph-breaks on torch._C._current_graph_task_id
-    (fullgraph=True fails) and, with >= 3 layers, backward hits autograd's version-counter check
-    on the value-cache buffer (a known limeify issue).
-    """
+    """Eval/no_grad forward, default backend, one graph (fullgraph: hooks and routers trace
+    without breaks). Compiled training is tested in test_compile.py."""
     model = _randomize(_lime(make_llama()), scale=0.5)
     x = example_for("llama")
     ref = _logits(model, x)
