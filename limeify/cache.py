@@ -86,7 +86,12 @@ class ValueCache:
             self.buffers[role] = buf
         # .data: later layers write their own slots in place; slots saved for backward by
         # earlier layers never change, so autograd's version check must not see these writes.
-        self.sources(buf.data, (layer + 1) * heads)[:, layer * heads :].copy_(raw.detach().reshape(tokens, heads, d))
+        # Callers run with grad off or on inputs that need none, so raw needs no detach.
+        lo, hi = layer * heads, (layer + 1) * heads
+        if self.sources_last:
+            buf.data[:, :, lo:hi].copy_(raw.reshape(tokens, heads, d).transpose(1, 2))
+        else:
+            buf.data[:, lo:hi].copy_(raw.reshape(tokens, heads, d))
         return buf
 
     def sources(self, buf: torch.Tensor, n: int) -> torch.Tensor:
@@ -112,7 +117,9 @@ class ValueCache:
 
 def _mix_heads(weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``[G, n]`` x ``[M, n, d]`` -> ``[M, G, d]``: one batched matmul, the weight broadcast."""
-    return torch.bmm(weight.to(src.dtype).expand(src.shape[0], *weight.shape), src)
+    if weight.dtype != src.dtype:
+        weight = weight.to(src.dtype)
+    return torch.bmm(weight.expand(src.shape[0], -1, -1), src)
 
 
 def _mix_tokens(coef: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,11 @@ class _ProducerHook:
     """
 
     def __init__(self, lifecycle: CacheLifecycle, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module) -> None:
-        self.lifecycle, self.entries = lifecycle, entries
-        self.parent, self.name, self.module = parent, name, module
         self.whole = len(entries) == 1 and entries[0].start is None
+        # Sorted by slice start once here, so reassembly is a single pass per call.
+        self.lifecycle = lifecycle
+        self.entries = entries if self.whole else sorted(entries, key=lambda e: e.start)
+        self.parent, self.name, self.module = parent, name, module
 
     def __call__(self, mod: nn.Module, args: tuple, output: Any) -> torch.Tensor:
         if self.parent._modules.get(self.name) is not self.module:
@@ -113,8 +115,7 @@ class _ProducerHook:
             cache = self.lifecycle.current(e.layer)
             raw = output if e.start is None else output[..., e.start : e.end]
             if e.routed:
-                router = getattr(e.attention, ROUTER_ATTR)
-                mixed.append(router(raw, cache, e.role, hidden))
+                mixed.append(e.attention._modules[ROUTER_ATTR](raw, cache, e.role, hidden))
             else:
                 mixed.append(record(raw, cache, e.role, e.layer, e.heads))
         if self.whole:
@@ -136,8 +137,9 @@ class _ForwardBoundary:
 
 
 def _reassemble(output: torch.Tensor, entries: list[_Entry], mixed: list[torch.Tensor]) -> torch.Tensor:
+    """The producer output with each K/V slice replaced by its mix (entries sorted by start)."""
     pieces, pos = [], 0
-    for e, m in sorted(zip(entries, mixed), key=lambda em: em[0].start):
+    for e, m in zip(entries, mixed):
         if e.start > pos:
             pieces.append(output[..., pos : e.start])
         pieces.append(m)
