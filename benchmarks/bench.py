@@ -5,8 +5,8 @@ Three variants of the same randomly initialised model are compared, interleaved 
 round so that drift in a shared machine's load hits all of them alike:
 
 * ``base``   the transformers model as built from its config;
-* ``limeify`` ``limeify.limeify(copy of base)``: one ``[L*G, N]`` buffer per forward, one
-  matmul per layer, backward keeps each layer's raw K/V once (O(L) memory);
+* ``limeify`` ``limeify.limeify(copy of base)``: one token-major buffer of all layers' raw K (and V)
+  per forward, one batched matmul per layer, backward keeps each layer's raw K/V once (O(L) memory);
 * ``naive``  the official LIMe approach, written here as forward hooks on the base model's
   K/V projections: a Python list of every layer's raw K/V, and per layer ``torch.cat`` of all
   earlier ones followed by a matmul with the router (O(L^2) memory).

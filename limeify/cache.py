@@ -119,7 +119,7 @@ def _mix_heads(weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """``[G, n]`` x ``[M, n, d]`` -> ``[M, G, d]``: one batched matmul, the weight broadcast."""
     if weight.dtype != src.dtype:
         weight = weight.to(src.dtype)
-    return torch.bmm(weight.expand(src.shape[0], -1, -1), src)
+    return torch.matmul(weight, src)
 
 
 def _mix_tokens(coef: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
