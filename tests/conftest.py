@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread, here and in the subprocesses the tests start (they inherit it). The test
+# models are tiny: on a loaded 2-core machine a second thread mostly waits for a core, and small
+# ops ran 10-40x slower with two threads than with one (the whole suite: ~19 min vs ~8 min).
+# Set OMP_NUM_THREADS to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
 class NanoAttention(nn.Module):
@@ -130,3 +138,70 @@ def logits_of(out):
 @pytest.fixture
 def llama():
     return make_llama()
+
+
+def generate_with_and_without_cache(model, new_tokens: int):
+    """Greedy generation from a fixed prompt, with and without the KV cache: the tokens must be equal.
+    Returns the cached run's tokens (prompt included)."""
+    prompt = torch.tensor([[5, 9, 13, 7, 21]])
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(prompt, use_cache=True, **kw)
+    without = model.generate(prompt, use_cache=False, **kw)
+    assert with_cache.shape[1] == prompt.shape[1] + new_tokens
+    assert torch.equal(with_cache, without)
+    return with_cache
+
+
+def reference_mix_logits(base, x, sites, coefs):
+    """Logits of ``base`` with LIMe's mixing of raw K/V applied by forward hooks, written out in loops.
+
+    The independent reference for the model-level mixing tests: it uses only the sites' module
+    paths, slices and head counts, never limeify's own mixing code. ``coefs`` maps a layer ``l``
+    to a function of the K/V projection's input (hidden states ``[..., D]``) returning
+    ``C[..., g, j, h]``, shape ``[G, l+1, G]`` or per token ``[..., G, l+1, G]``: the weight of head
+    ``h`` of layer ``j``'s raw K (or V) in head ``g`` of layer ``l``'s mixed one. Layers missing from
+    ``coefs`` keep their raw K/V. Summed in float64.
+    """
+    raw = {"k": {}, "v": {}}
+
+    def mix(role, layer, t, G, hidden):
+        raw[role][layer] = t.detach().clone()
+        if layer not in coefs:
+            return t
+        C = coefs[layer](hidden).double()
+        lead, d = t.shape[:-1], t.shape[-1] // G
+        out = torch.zeros(*lead, G, d, dtype=torch.float64)
+        for g in range(G):
+            for j in range(layer + 1):
+                src = raw[role][j].view(*lead, G, d).double()
+                for h in range(G):
+                    out[..., g, :] += C[..., g, j, h, None] * src[..., h, :]
+        return out.to(t.dtype).reshape(t.shape)
+
+    def hook(mod, args, out, site, path):
+        out = out.clone()
+        for role, src in (("k", site.key), ("v", site.value)):
+            if src.module == path:
+                s, e = (src.start, src.end) if src.start is not None else (0, out.shape[-1])
+                out[..., s:e] = mix(role, site.layer, out[..., s:e], site.num_kv_heads, args[0])
+        return out
+
+    handles = [base.get_submodule(path).register_forward_hook(functools.partial(hook, site=site, path=path))
+               for site in sites for path in {site.key.module, site.value.module}]
+    try:
+        with torch.no_grad():
+            return logits_of(base(x))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (model, tokenizer), loaded once per session (~30 s from its GGUF file).
+
+    Shared: tests must not modify the model.
+    """
+    from recipes.common import load_smollm2
+
+    return load_smollm2()

@@ -31,17 +31,18 @@ def src(tmp_path):
     return path
 
 
-def _cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "limeify.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300, **kw)
-
-
-def test_convert_cli_roundtrip(src, tmp_path):
+def test_convert_cli_roundtrip(src, tmp_path, capsys):
     from transformers import LlamaForCausalLM
+
+    from limeify.cli import main
 
     before = _checksums(src)
     dst = tmp_path / "dst"
-    run = _cli("convert", src, dst)
+    # The installed `limeify` console script, in a real process (the other calls run main() in-process).
+    script = Path(sys.executable).parent / "limeify"
+    assert script.is_file(), f"no console script at {script}: pip install -e ."
+    run = subprocess.run([str(script), "convert", str(src), str(dst)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     assert "max abs logit diff = 0" in run.stdout
     assert {"config.json", "model.safetensors", "lime_config.json", "lime_routers.safetensors"} <= set(os.listdir(dst))
@@ -57,10 +58,9 @@ def test_convert_cli_roundtrip(src, tmp_path):
         assert torch.equal(plain(x).logits, ref)
         assert torch.equal(lime(x).logits, ref)
 
-    again = _cli("convert", src, dst)
-    assert again.returncode == 2 and "--force" in again.stderr
-    from limeify.cli import main
-
+    capsys.readouterr()
+    assert main(["convert", str(src), str(dst)]) == 2
+    assert "--force" in capsys.readouterr().err
     assert main(["convert", str(src), str(dst), "--force", "--init", "paper"]) == 0
     assert _checksums(src) == before
 
@@ -109,14 +109,13 @@ def test_interrupted_convert_leaves_no_destination(src, tmp_path, sig):
 
 
 @pytest.mark.real_model
-def test_convert_real_smollm2(tmp_path):
-    sys.path.insert(0, str(ROOT / "recipes"))
-    from common import load_smollm2, smollm2_gguf_path
+def test_convert_real_smollm2(tmp_path, smollm2):
+    from recipes.common import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     dst = tmp_path / "smollm2-lime"
     limeify.convert(gguf, dst)
-    base, tokenizer = load_smollm2()
+    base, tokenizer = smollm2
     ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
     lime = limeify.from_pretrained(dst)
     assert len(limeify.router_parameters(lime)) == 29

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import gc
 
 import pytest
@@ -14,7 +13,8 @@ import limeify
 from limeify import LimeConfig, LimeError
 from limeify.cache import ValueCache
 
-from conftest import BUILDERS, example_for, logits_of, make_gpt2, make_llama
+from conftest import (BUILDERS, example_for, generate_with_and_without_cache, logits_of, make_gpt2, make_llama,
+                      reference_mix_logits)
 
 
 def limeify_any(model, x, config=None):
@@ -58,44 +58,6 @@ def test_router_shapes_follow_lime_layout():
     assert names == [f"model.layers.{i}.self_attn.lime_router.weight" for i in (1, 2, 3)]
 
 
-def _reference_outputs(base, x, sites, weights):
-    """Base model with hooks that mix captured raw K/V by the LIME.md formula, written out directly."""
-    raw = {"k": {}, "v": {}}
-    weights = {site.layer: w for site, w in zip(sites[1:], weights)}
-
-    def mix(role, layer, t, G):
-        raw[role][layer] = t.detach().clone()
-        if layer not in weights:
-            return t
-        R = weights[layer]
-        lead, d = t.shape[:-1], t.shape[-1] // G
-        out = torch.zeros(*lead, G, d, dtype=t.dtype)
-        for g in range(G):
-            for j in range(layer + 1):
-                src = raw[role][j].view(*lead, G, d)
-                for gp in range(G):
-                    out[..., g, :] += R[g, j * G + gp] * src[..., gp, :]
-        return out.reshape(t.shape)
-
-    handles = []
-    for site in sites:
-        def hook(mod, args, out, site=site, path=None):
-            out = out.clone()
-            for role, src in (("k", site.key), ("v", site.value)):
-                s, e = (src.start, src.end) if src.start is not None else (0, out.shape[-1])
-                if src.module == path:
-                    out[..., s:e] = mix(role, site.layer, out[..., s:e], site.num_kv_heads)
-            return out
-        for path in {site.key.module, site.value.module}:
-            handles.append(base.get_submodule(path).register_forward_hook(functools.partial(hook, site=site, path=path)))
-    try:
-        with torch.no_grad():
-            return logits_of(base(x))
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_random_routers_match_direct_mixing(arch):
     base = BUILDERS[arch]("eager")
@@ -107,7 +69,11 @@ def test_random_routers_match_direct_mixing(arch):
     with torch.no_grad():
         out = logits_of(model(x))
     assert "layer 2" in limeify.describe(model)
-    ref = _reference_outputs(base, x, model._lime_state.sites, [w.detach() for w in limeify.router_parameters(model)])
+    sites = model._lime_state.sites
+    # a static router [G, (l+1)G] holds R[g, j*G + h]: the weight of head h of layer j in head g
+    coefs = {site.layer: (lambda hidden, R=w.detach(): R.view(R.shape[0], -1, R.shape[0]))
+             for site, w in zip(sites[1:], limeify.router_parameters(model))}
+    ref = reference_mix_logits(base, x, sites, coefs)
     assert (out - ref).abs().max().item() <= 1e-5
     with torch.no_grad():
         limeify.router_parameters(model)[0][0, 0] += 0.5
@@ -126,12 +92,7 @@ def _randomize(model, scale=0.5, seed=5):
 def test_generate_with_cache_equals_recompute(arch):
     model = limeify.limeify(BUILDERS[arch]("sdpa"))
     _randomize(model)
-    prompt = torch.tensor([[5, 9, 13, 7, 21]])
-    kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
-    with_cache = model.generate(prompt, use_cache=True, **kw)
-    without = model.generate(prompt, use_cache=False, **kw)
-    assert with_cache.shape[1] == prompt.shape[1] + 20
-    assert torch.equal(with_cache, without)
+    generate_with_and_without_cache(model, 20)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -281,11 +242,11 @@ def test_value_cache_does_not_outlive_a_forward():
     lifecycle = model._lime_state.lifecycle
     before = _live_caches()
     with torch.no_grad():
-        for _ in range(50):
+        for _ in range(3):  # a few forwards: any cache that outlives its forward stays counted
             model.eval()(x)
     assert lifecycle.active is None and _live_caches() == before
     model.train()
-    for _ in range(50):
+    for _ in range(3):
         model(x, labels=x).loss.backward()
     assert lifecycle.active is None and _live_caches() == before
 

@@ -10,7 +10,8 @@ import torch
 import limeify
 from limeify import LimeConfig, LimeError
 
-from conftest import BUILDERS, NanoGPT, example_for, logits_of, make_llama
+from conftest import (BUILDERS, NanoGPT, example_for, generate_with_and_without_cache, logits_of, make_llama,
+                      reference_mix_logits)
 
 MECHS = ["softmax", "dynamic"]
 
@@ -53,41 +54,13 @@ def _coef_fn(router):
 
 
 def _reference(base, x, sites, coef_fns):
-    """Base model with hooks that mix captured raw K/V with per-(token, head, source) weights, in loops."""
-    raw = {"k": {}, "v": {}}
+    """The shared loop reference, with each head reading only the same head of every source layer."""
+    def per_head(fn, G):  # [..., G, l+1] -> [..., G, l+1, G], zero off the head diagonal
+        eye = torch.eye(G, dtype=torch.float64)[:, None, :]
+        return lambda hidden: fn(hidden)[..., None] * eye
 
-    def mix(role, layer, t, G, hidden):
-        raw[role][layer] = t.detach().clone()
-        if layer not in coef_fns:
-            return t
-        c = coef_fns[layer](hidden)  # [G, l+1] or [..., G, l+1]
-        lead, d = t.shape[:-1], t.shape[-1] // G
-        out = torch.zeros(*lead, G, d, dtype=torch.float64)
-        for g in range(G):
-            for j in range(layer + 1):
-                src = raw[role][j].view(*lead, G, d)[..., g, :].double()
-                out[..., g, :] += c[..., g, j, None] * src
-        return out.to(t.dtype).reshape(t.shape)
-
-    handles = []
-    for site in sites:
-        def hook(mod, args, out, site=site):
-            out = out.clone()
-            for role, src in (("k", site.key), ("v", site.value)):
-                s, e = (src.start, src.end) if src.start is not None else (0, out.shape[-1])
-                if src.module == mod._lime_test_path:
-                    out[..., s:e] = mix(role, site.layer, out[..., s:e], site.num_kv_heads, args[0])
-            return out
-        for path in {site.key.module, site.value.module}:
-            mod = base.get_submodule(path)
-            mod._lime_test_path = path
-            handles.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return logits_of(base(x))
-    finally:
-        for h in handles:
-            h.remove()
+    G = {site.layer: site.num_kv_heads for site in sites}
+    return reference_mix_logits(base, x, sites, {layer: per_head(fn, G[layer]) for layer, fn in coef_fns.items()})
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -193,12 +166,7 @@ def test_dynamic_weights_depend_on_token_and_are_computed_once_per_layer():
 def test_generate_with_cache_equals_recompute(mechanism, arch):
     model = _lime(BUILDERS[arch]("sdpa"), mechanism)
     _randomize(model)
-    prompt = torch.tensor([[5, 9, 13, 7, 21]])
-    kw = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-    with_cache = model.generate(prompt, use_cache=True, **kw)
-    without = model.generate(prompt, use_cache=False, **kw)
-    assert with_cache.shape[1] == prompt.shape[1] + 16
-    assert torch.equal(with_cache, without)
+    with_cache = generate_with_and_without_cache(model, 16)
     # and the logits of the cached steps equal a full recompute
     with torch.no_grad():
         full = logits_of(model(with_cache))

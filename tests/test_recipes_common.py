@@ -34,11 +34,6 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return common.load_smollm2()
-
-
 def _reference_stream(tokenizer, docs) -> list[int]:
     # Deliberately a different path from chunk_tokens: one encode() call per document.
     stream: list[int] = []

@@ -58,6 +58,19 @@ def _max_diff(a, b):
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+def _train_routers(model, x, steps):
+    """``steps`` AdamW steps on the routers (lr 1e-2); returns the optimizer and the losses."""
+    opt = torch.optim.AdamW(limeify.router_param_groups(model, router_lr=1e-2))
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return opt, losses
+
+
 # --- plain torch optimizer ----------------------------------------------------------------
 
 
@@ -70,16 +83,9 @@ def test_router_only_training_lowers_loss_and_keeps_base_bit_identical():
     base = {k: v.clone() for k, v in model.state_dict().items() if k not in router_names}
     routers_before = [w.detach().clone() for w in limeify.router_parameters(model)]
 
-    opt = torch.optim.AdamW(limeify.router_param_groups(model, router_lr=1e-2))
-    assert [len(g["params"]) for g in opt.param_groups] == [2]
     x = example_for("llama", batch=4)
-    losses = []
-    for _ in range(10):
-        opt.zero_grad(set_to_none=True)
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    opt, losses = _train_routers(model, x, steps=10)
+    assert [len(g["params"]) for g in opt.param_groups] == [2]
     with torch.no_grad():
         final = model(x, labels=x).loss.item()
     assert final < losses[0] - 1e-3, (losses, final)
@@ -188,14 +194,7 @@ def test_gradient_checkpointing_two_training_steps_match():
     ckpt.gradient_checkpointing_enable()
 
     def run(model):
-        opt = torch.optim.AdamW(limeify.router_param_groups(model, router_lr=1e-2))
-        losses = []
-        for _ in range(2):
-            opt.zero_grad(set_to_none=True)
-            loss = model(x, labels=x).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
+        _, losses = _train_routers(model, x, steps=2)
         return losses, [w.detach().clone() for w in limeify.router_parameters(model)]
 
     ref_losses, ref_routers = run(ref)
