@@ -50,7 +50,8 @@ def load_pretrained_base(src: str | os.PathLike, dtype: str = "float32") -> nn.M
         raise LimeError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     config = AutoConfig.from_pretrained(directory, local_files_only=True, **extra)
     cls = _model_class(config)
-    model = cls.from_pretrained(directory, dtype=DTYPES[dtype], local_files_only=True, **extra).eval()
+    # config= spares from_pretrained a second parse of the file (seconds for a GGUF).
+    model = cls.from_pretrained(directory, config=config, dtype=DTYPES[dtype], local_files_only=True, **extra).eval()
     if extra:
         # transformers dequantizes GGUF tensors on load; the leftover quantizer marker only
         # blocks save_pretrained of what are plain float weights now.
@@ -141,6 +142,6 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
     path = Path(path)
     if not (path / CONFIG_NAME).is_file():
         raise LimeError(f"{path} has no {CONFIG_NAME}; convert a checkpoint first with `limeify convert SRC {path}`")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = _model_class(config).from_pretrained(path, local_files_only=True, **kwargs).eval()
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, local_files_only=True)
+    model = _model_class(config).from_pretrained(path, config=config, local_files_only=True, **kwargs).eval()
     return load_lime(model, path)
