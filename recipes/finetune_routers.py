@@ -350,6 +350,18 @@ def main(argv: list[str] | None = None) -> dict:
         lime_proto = model = None
         gc.collect()
 
+    def train_control(name: str, method: str, model: torch.nn.Module, lr: float, what: str) -> None:
+        """Train a control method's copy of the base model, record its row, then free it."""
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        res = train(model, lr, train_chunks, order, eval_chunks, args, device, f"{name} ({what}, lr {fmt_lr(lr)})")
+        res.update({"method": method, "lr": lr, "trainable_params": trainable, "initial_eval_loss": base_loss})
+        if args.sample_tokens:
+            samples[name] = greedy_samples(model, tokenizer, PROMPTS, args.sample_tokens, device)
+        runs[name] = res
+        print(f"{name}: held-out loss {res['eval_loss']:.4f}, ppl {ppl(res['eval_loss']):.2f}")
+        del model
+        gc.collect()
+
     # --- LoRA control ----------------------------------------------------------------
     if "lora" in args.methods:
         targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
@@ -360,16 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         for lr in args.lrs["lora"]:
             name = "lora" if len(args.lrs["lora"]) == 1 else f"lora@{fmt_lr(lr)}"
             set_seed(args.seed)  # LoRA's A matrices are random
-            model = make_lora(base, plan, args.lora_alpha)
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            res = train(model, lr, train_chunks, order, eval_chunks, args, device, f"{name} (rank {plan['rank']}, lr {fmt_lr(lr)})")
-            res.update({"method": "lora", "lr": lr, "trainable_params": trainable, "initial_eval_loss": base_loss})
-            if args.sample_tokens:
-                samples[name] = greedy_samples(model, tokenizer, PROMPTS, args.sample_tokens, device)
-            runs[name] = res
-            print(f"{name}: held-out loss {res['eval_loss']:.4f}, ppl {ppl(res['eval_loss']):.2f}")
-            del model
-            gc.collect()
+            train_control(name, "lora", make_lora(base, plan, args.lora_alpha), lr, f"rank {plan['rank']}")
 
     # --- norm-only controls ----------------------------------------------------------
     for method in ("norm", "norm_matched"):
@@ -381,16 +384,9 @@ def main(argv: list[str] | None = None) -> dict:
             if method == "norm_matched":
                 print(f"budget-matched norm-only: {len(norms)} RMSNorm gain vectors {norms}")
                 metrics["norm_matched_params"] = norms
-            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             set_seed(args.seed)
-            res = train(model, lr, train_chunks, order, eval_chunks, args, device, f"{name} (RMSNorm gains, lr {fmt_lr(lr)})")
-            res.update({"method": method, "lr": lr, "trainable_params": trainable, "initial_eval_loss": base_loss})
-            if args.sample_tokens:
-                samples[name] = greedy_samples(model, tokenizer, PROMPTS, args.sample_tokens, device)
-            runs[name] = res
-            print(f"{name}: held-out loss {res['eval_loss']:.4f}, ppl {ppl(res['eval_loss']):.2f}")
-            del model
-            gc.collect()
+            train_control(name, method, model, lr, "RMSNorm gains")
+            del model  # before the next deepcopy of the base model
 
     # --- report ----------------------------------------------------------------------
     labels = {"lime": "LIMe, routers only", "lora": "LoRA", "norm": "norm-only (all RMSNorm gains)",
