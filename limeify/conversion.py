@@ -135,8 +135,14 @@ def _copy_tokenizer(src, dst: Path) -> None:
     tokenizer.save_pretrained(dst)
 
 
-def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
-    """Load a checkpoint written by ``limeify convert`` as a ready limeified model."""
+def from_pretrained(path: str | os.PathLike, verify_sites: bool = False, **kwargs) -> nn.Module:
+    """Load a checkpoint written by ``limeify convert`` as a ready limeified model.
+
+    The base weights and the adapter were written together, so the attention sites saved by
+    ``convert`` are used without tracing the model again; ``verify_sites=True`` re-discovers
+    them and checks they match (see :func:`limeify.load_lime`). Other keyword arguments go to
+    the transformers ``from_pretrained``.
+    """
     from transformers import AutoConfig
 
     path = Path(path)
@@ -144,4 +150,4 @@ def from_pretrained(path: str | os.PathLike, **kwargs) -> nn.Module:
         raise LimeError(f"{path} has no {CONFIG_NAME}; convert a checkpoint first with `limeify convert SRC {path}`")
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, local_files_only=True)
     model = _model_class(config).from_pretrained(path, config=config, local_files_only=True, **kwargs).eval()
-    return load_lime(model, path)
+    return load_lime(model, path, verify_sites=verify_sites)

@@ -96,8 +96,30 @@ def _expected_shapes(config: LimeConfig, sites: list[AttentionSite]) -> dict[str
     return shapes
 
 
-def load_lime(model: nn.Module, directory: str | os.PathLike, example_inputs=None) -> nn.Module:
+def _check_depth(model: nn.Module, sites: list[AttentionSite], directory) -> None:
+    """Without a trace, a deeper model would take the adapter silently on its first layers
+    only; counting modules of the saved attention modules' class catches that cheaply."""
+    try:
+        kind = type(model.get_submodule(sites[0].attention))
+    except AttributeError:
+        return  # limeify's site validation names the missing module
+    found = sum(type(m) is kind for m in model.modules())
+    if found != len(sites):
+        raise LimeError(
+            f"the adapter in {directory} was saved for {len(sites)} attention layers but the model has "
+            f"{found} {kind.__name__} modules; load it with verify_sites=True to check the model properly"
+        )
+
+
+def load_lime(
+    model: nn.Module, directory: str | os.PathLike, example_inputs=None, verify_sites: bool = True
+) -> nn.Module:
     """Limeify an unmodified base model and load saved routers into it (in place).
+
+    With ``verify_sites`` (default) the model is traced to discover its attention sites, which
+    must match the adapter's; ``verify_sites=False`` skips that trace (seconds on a large model)
+    and uses the sites saved with the adapter, checking only that their modules exist and are
+    wide enough: use it when the model is known to be the one the adapter was saved from.
 
     Raises ``LimeError`` naming expected vs found on any mismatch (depth, heads, mechanism,
     router keys or shapes, missing or corrupt files); the model is then left as it was.
@@ -105,7 +127,11 @@ def load_lime(model: nn.Module, directory: str | os.PathLike, example_inputs=Non
     config, expected, tensors = read_lime(directory)
     if is_limeified(model):
         raise LimeError("model is already limeified; load_lime expects the unmodified base model (call unlimeify first)")
-    sites = discover_sites(model, example_inputs)
+    if verify_sites or config.sites is None:
+        sites = discover_sites(model, example_inputs)
+    else:
+        sites = list(config.sites)
+        _check_depth(model, sites, directory)
     found = fingerprint(sites)
     if found != expected:
         diffs = ", ".join(f"{k}: expected {expected.get(k)} found {found.get(k)}" for k in found if found[k] != expected.get(k))

@@ -164,3 +164,30 @@ def test_router_param_groups_and_trainable_summary(capsys):
     groups = limeify.router_param_groups(model, router_lr=3e-3, base_lr=1e-3)
     assert [g["lr"] for g in groups] == [3e-3, 1e-3] and groups[1]["weight_decay"] == 0.1
     assert sum(p.numel() for g in groups for p in g["params"]) == total
+
+
+def test_load_without_retracing_uses_saved_sites(tmp_path, monkeypatch):
+    model = _random_routers(limeify.limeify(make_llama()))
+    limeify.save_lime(model, tmp_path)
+    x = example_for("llama")
+    with torch.no_grad():
+        want = model(x).logits
+    traced = limeify.load_lime(make_llama(), tmp_path)
+
+    import limeify.persistence as persistence
+    from limeify.injection import lime_state
+
+    def no_trace(*a, **k):
+        raise AssertionError("verify_sites=False must not trace the model")
+
+    monkeypatch.setattr(persistence, "discover_sites", no_trace)
+    fast = limeify.load_lime(make_llama(), tmp_path, verify_sites=False)
+    assert lime_state(fast).sites == lime_state(traced).sites
+    with torch.no_grad():
+        assert torch.equal(fast(x).logits, want)
+
+    deeper = make_llama(layers=4)
+    snap = _state(deeper)
+    with pytest.raises(LimeError, match="saved for 3 attention layers but the model has 4"):
+        limeify.load_lime(deeper, tmp_path, verify_sites=False)
+    assert _unchanged(deeper, snap) and not limeify.is_limeified(deeper)
