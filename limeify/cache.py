@@ -87,16 +87,16 @@ class ValueCache:
         # .data: later layers write their own slots in place; slots saved for backward by
         # earlier layers never change, so autograd's version check must not see these writes.
         # Callers run with grad off or on inputs that need none, so raw needs no detach.
-        lo, hi = layer * heads, (layer + 1) * heads
-        if self.sources_last:
-            buf.data[:, :, lo:hi].copy_(raw.reshape(tokens, heads, d).transpose(1, 2))
-        else:
-            buf.data[:, lo:hi].copy_(raw.reshape(tokens, heads, d))
+        self.slot(buf.data, layer, heads).copy_(raw.reshape(tokens, heads, d))
         return buf
 
     def sources(self, buf: torch.Tensor, n: int) -> torch.Tensor:
         """The first ``n`` source heads of ``buf`` (or of its gradient buffer) as ``[M, n, d]``."""
         return buf[:, :, :n].transpose(1, 2) if self.sources_last else buf[:, :n]
+
+    def slot(self, buf: torch.Tensor, layer: int, heads: int) -> torch.Tensor:
+        """Layer ``layer``'s heads of ``buf`` (or of its gradient buffer) as ``[M, G, d]``."""
+        return self.sources(buf, (layer + 1) * heads)[:, layer * heads :]
 
     def traced_slots(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> list[torch.Tensor]:
         """Layers ``0..layer``'s raw K/V as graph values, each ``[M, G, d]`` (torch.compile)."""
@@ -167,8 +167,7 @@ class _Record(torch.autograd.Function):
         cache = ctx.cache
         gbuf = cache.grads.get(ctx.role)
         if gbuf is not None and cache.grad_task.get(ctx.role) == torch._C._current_graph_task_id():
-            rows = cache.sources(gbuf, (ctx.layer + 1) * ctx.heads)[:, ctx.layer * ctx.heads :]
-            grad = grad + rows.reshape(grad.shape)
+            grad = grad + cache.slot(gbuf, ctx.layer, ctx.heads).reshape(grad.shape)
         return grad, None, None, None, None
 
 
@@ -208,7 +207,7 @@ class _StaticMix(torch.autograd.Function):
                 gbuf.view(-1, gbuf.shape[-1])[:, :n].addmm_(g, w)
             else:
                 cache.sources(gbuf, n).baddbmm_(w.t().expand(g.shape[0], n, heads), g)
-            grad_raw = cache.sources(gbuf, n)[:, ctx.layer * heads :].reshape(grad.shape)
+            grad_raw = cache.slot(gbuf, ctx.layer, heads).reshape(grad.shape)
         return grad_w, grad_raw, None, None, None
 
 
@@ -242,7 +241,7 @@ class _TokenMix(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gbuf = cache.grad_buffer(ctx.role, buf)
             _token_sources(cache, gbuf, heads, n_src).add_(torch.einsum("mgj,mgd->mjgd", c, g))
-            grad_raw = cache.sources(gbuf, n_src * heads)[:, ctx.layer * heads :].reshape(grad.shape)
+            grad_raw = cache.slot(gbuf, ctx.layer, heads).reshape(grad.shape)
         return grad_c, grad_raw, None, None, None
 
 
