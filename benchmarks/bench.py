@@ -33,6 +33,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import inspect
 import os
 import platform
 import statistics
@@ -55,9 +56,11 @@ if str(ROOT) not in sys.path:
 
 import limeify  # noqa: E402
 from limeify import LimeConfig  # noqa: E402
+from limeify.cache import ValueCache, record  # noqa: E402
 from limeify.injection import lime_state  # noqa: E402
 
 VARIANTS = ("base", "limeify", "naive")
+MIX_ONLY = "mixing alone"
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,16 +347,79 @@ def train_fn(model, x):
     return run
 
 
+def mixing_fn(model, x, train: bool):
+    """limeify's value-cache work alone, without the model around it.
+
+    Every layer writes random K/V of the model's shape (sliced from a wider tensor where the
+    model's K/V are slices of a fused projection) into a value cache and mixes it with the
+    limeified model's own routers; with ``train`` it also runs their backward. Timed against
+    the base model in the same rounds, this is the overhead limeify cannot go below at this
+    shape with these kernels: the rest of its overhead is hooks and glue.
+    """
+    state = lime_state(model)
+    rts = limeify.routers(model)
+    param = next(model.parameters())
+    raws, grads = [], []
+    for site in state.sites:
+        per_role = {}
+        for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
+            width = site.num_kv_heads * dim
+            wide = torch.randn(*x.shape, src.end if src.start is not None else width,
+                               device=param.device, dtype=param.dtype, requires_grad=train)
+            per_role[role] = (wide, wide[..., src.start:src.end] if src.start is not None else wide)
+            grads.append(torch.randn(*x.shape, width, device=param.device, dtype=param.dtype))
+        raws.append(per_role)
+
+    def run():
+        cache = ValueCache(len(state.sites), sources_last=train)
+        outs = []
+        with torch.set_grad_enabled(train):
+            for site in state.sites:
+                router = rts.get(site.layer)
+                for role in ("k", "v"):
+                    raw = raws[site.layer][role][1]
+                    outs.append(router(raw, cache, role, None) if router is not None
+                                else record(raw, cache, role, site.layer, site.num_kv_heads))
+            if train:
+                torch.autograd.backward(outs, grads)
+                model.zero_grad(set_to_none=True)
+                for per_role in raws:
+                    for wide, _ in per_role.values():
+                        wide.grad = None
+    return run
+
+
+def mixing_flops(model, tokens: int) -> int:
+    """Multiply-adds x 2 of one forward's mixes (static routers: ``[G, n] @ [n, d]`` per token)."""
+    state = lime_state(model)
+    total = 0
+    for layer in state.router_layers:
+        site = state.sites[layer]
+        n = (layer + 1) * site.num_kv_heads
+        total += 2 * tokens * site.num_kv_heads * n * (site.head_dim + site.v_head_dim)
+    return total
+
+
+def model_flops(model, tokens: int) -> int:
+    """Multiply-adds x 2 of one forward through every weight matrix (embeddings excluded)."""
+    return 2 * tokens * sum(m.weight.numel() for m in model.modules()
+                            if hasattr(m, "weight") and isinstance(m.weight, torch.Tensor)
+                            and m.weight.dim() == 2 and not isinstance(m, nn.Embedding))
+
+
 def decode_fn(model, prompt, steps):
+    # transformers 5.24 renamed past_key_values to cache; the old name still works but warns.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def run() -> float:
         with torch.no_grad():
             out = model(prompt, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            past, nxt = out[key], out.logits[:, -1].argmax(-1, keepdim=True)
             sync(prompt.device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+                out = model(nxt, use_cache=True, **{key: past})
+                past, nxt = out[key], out.logits[:, -1].argmax(-1, keepdim=True)
             sync(prompt.device)
             return time.perf_counter() - t0
     return run
@@ -385,13 +451,20 @@ def bench_latency(arch: Arch, args, device, dtype, log) -> dict:
         outs = {k: m(x[:1, : min(args.seq, 32)]).logits.float() for k, m in models.items()}
     res["lime_vs_naive_maxdiff"] = (outs["limeify"] - outs["naive"]).abs().max().item()
 
+    tokens = x.numel()
+    res["flops"] = {"mix": mixing_flops(models["limeify"], tokens), "base": model_flops(models["base"], tokens)}
+
     log(f"  [{arch.name}] forward ...")
-    t = timed_rounds({v: forward_fn(models[v], x) for v in variants}, args.warmup, args.repeats, device)
+    fns = {v: forward_fn(models[v], x) for v in variants}
+    fns[MIX_ONLY] = mixing_fn(models["limeify"], x, train=False)
+    t = timed_rounds(fns, args.warmup, args.repeats, device)
     res["fwd"] = summarize(t, scale=1e3)
     log(f"  [{arch.name}] forward+backward ...")
     for m in models.values():
         m.requires_grad_(True)
-    t = timed_rounds({v: train_fn(models[v], x) for v in variants}, args.warmup, args.repeats, device)
+    fns = {v: train_fn(models[v], x) for v in variants}
+    fns[MIX_ONLY] = mixing_fn(models["limeify"], x, train=True)
+    t = timed_rounds(fns, args.warmup, args.repeats, device)
     res["fwdbwd"] = summarize(t, scale=1e3)
     res["peak_mb"] = {v: peak_cuda_mb(train_fn(models[v], x), device) for v in variants}
     for bsz in args.decode_batches:
@@ -574,6 +647,8 @@ def report(args, device, dtype, archs, latency, memory, compiled, env, elapsed) 
         L.extend([head, sep])
         for name, res in latency.items():
             for v in res["fwd"]:
+                if v == MIX_ONLY:
+                    continue
                 row = f"| {name} | {v} | {res['fwd'][v].median:.1f} | {fmt_ratio(res['fwd'][v])} | " \
                       f"{res['fwdbwd'][v].median:.1f} | {fmt_ratio(res['fwdbwd'][v])} |"
                 for b in args.decode_batches:
@@ -596,6 +671,28 @@ def report(args, device, dtype, archs, latency, memory, compiled, env, elapsed) 
                 r = res[f"decode{b}"]["limeify"].ratio
                 cells.append(f"{r:.3f} {verdict(r, 'decode')}")
             L.append(f"| {name} | " + " | ".join(cells) + f" | {res['lime_vs_naive_maxdiff']:.2e} |")
+        L.append("")
+        L.append("### Where limeify's overhead goes\n")
+        L.append(f"`{MIX_ONLY}` runs limeify's value-cache writes and mixes (and their backward) for every layer "
+                 "on random K/V of the model's shape, with the limeified model's routers but without the "
+                 "model, timed in the same rounds as the others. Its time over the base model's time is the "
+                 "overhead limeify cannot go below at this shape with these kernels; `glue` = limeify's "
+                 "overhead minus it (hooks, slicing, re-assembling a fused projection's output). GFLOP/s "
+                 "counts 2 x multiply-adds (mixes: `[G, n] @ [n, d]` per token and layer; base: every weight "
+                 "matrix but the embeddings; backward = 2 x forward), so they compare how well each uses the "
+                 "machine.\n")
+        L.append("| model | pass | base ms | mixing alone ms | mixing alone / base | limeify / base | glue "
+                 "| base GFLOP/s | mixing GFLOP/s |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, res in latency.items():
+            for key, label, mult in (("fwd", "forward", 1), ("fwdbwd", "forward+backward", 3)):
+                st = res[key]
+                base_ms, mix_ms = st["base"].median, st[MIX_ONLY].median
+                share, lime = st[MIX_ONLY].ratio, st["limeify"].ratio
+                L.append(f"| {name} | {label} | {base_ms:.1f} | {mix_ms:.1f} | {share:.3f} [{st[MIX_ONLY].lo:.2f}-"
+                         f"{st[MIX_ONLY].hi:.2f}] | {lime:.3f} | {lime - 1 - share:+.3f} | "
+                         f"{mult * res['flops']['base'] / base_ms / 1e6:.1f} | "
+                         f"{mult * res['flops']['mix'] / mix_ms / 1e6:.1f} |")
         L.append("")
 
     if memory:

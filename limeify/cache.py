@@ -327,8 +327,10 @@ class CacheLifecycle:
                     "gradient was switched off inside the forward pass, as reentrant "
                     "activation checkpointing (use_reentrant=True) does; it would silently drop "
                     "LIMe's cross-layer gradients. Use non-reentrant checkpointing: "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                    "{'use_reentrant': False}) or torch.utils.checkpoint(..., use_reentrant=False)"
+                    "model.activation_checkpointing_enable() (transformers >= 5.24, non-reentrant by "
+                    "default), model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False}) in older transformers, or "
+                    "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
                 )
             return self.active
         in_backward = torch._C._current_graph_task_id() != -1

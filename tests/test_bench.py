@@ -36,8 +36,12 @@ def test_quick_run_writes_finite_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     assert text.strip() == proc.stdout.strip()  # the printed table is the file
-    for heading in ("## Latency", "## Activations saved for backward", "## torch.compile", "torch "):
+    for heading in ("## Latency", "### Where limeify's overhead goes", "## Activations saved for backward",
+                    "## torch.compile", "torch "):
         assert heading in text
+    for arch in ("gpt2", "llama-gqa"):
+        for label in ("forward", "forward+backward"):
+            assert re.search(rf"^\| {arch} \| {re.escape(label)} \| [\d.]+ \| [\d.]+ \|", text, re.M), (arch, label)
     for arch in ("gpt2", "llama-gqa"):
         assert re.search(rf"^\| {arch} \| limeify \|", text, re.M), arch
         assert re.search(rf"^\| {arch} \| naive \|", text, re.M), arch
