@@ -97,10 +97,24 @@ class _ProducerHook:
 
     def __init__(self, lifecycle: CacheLifecycle, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module) -> None:
         self.whole = len(entries) == 1 and entries[0].start is None
-        # Sorted by slice start once here, so reassembly is a single pass per call.
         self.lifecycle = lifecycle
         self.entries = entries if self.whole else sorted(entries, key=lambda e: e.start)
         self.parent, self.name, self.module = parent, name, module
+        # A fused output (e.g. GPT-2's qkv) is cut once with split, not sliced per K/V: the
+        # backward of one split is one concatenation, where each slice's backward would
+        # zero-fill a full-width gradient and add them up.
+        self.sizes: list[int] = []
+        self.pieces: list[int] = []
+        self.covered = 0
+        if not self.whole:
+            for e in self.entries:
+                if e.start < self.covered:
+                    raise LimeError(f"{name}: K/V slices overlap at {e.start}; give disjoint slices in LimeConfig(sites=...)")
+                if e.start > self.covered:
+                    self.sizes.append(e.start - self.covered)
+                self.pieces.append(len(self.sizes))
+                self.sizes.append(e.end - e.start)
+                self.covered = e.end
 
     def __call__(self, mod: nn.Module, args: tuple, output: Any) -> torch.Tensor:
         if self.parent._modules.get(self.name) is not self.module:
@@ -110,17 +124,21 @@ class _ProducerHook:
                 "limeify.rebind(model) after wrapping (get_lime_peft_model does this for you)"
             )
         hidden = args[0] if args else None
-        mixed = []
-        for e in self.entries:
-            cache = self.lifecycle.current(e.layer)
-            raw = output if e.start is None else output[..., e.start : e.end]
-            if e.routed:
-                mixed.append(e.attention._modules[ROUTER_ATTR](raw, cache, e.role, hidden))
-            else:
-                mixed.append(record(raw, cache, e.role, e.layer, e.heads))
         if self.whole:
-            return mixed[0]
-        return _reassemble(output, self.entries, mixed)
+            return self._mix(self.entries[0], output, hidden)
+        tail = output.shape[-1] - self.covered
+        if tail < 0:
+            raise LimeError(f"{self.name} produced {output.shape[-1]} features, but its K/V slices end at {self.covered}")
+        pieces = list(output.split(self.sizes + [tail] if tail else self.sizes, dim=-1))
+        for e, i in zip(self.entries, self.pieces):
+            pieces[i] = self._mix(e, pieces[i], hidden)
+        return torch.cat(pieces, dim=-1)
+
+    def _mix(self, e: _Entry, raw: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        cache = self.lifecycle.current(e.layer)
+        if e.routed:
+            return e.attention._modules[ROUTER_ATTR](raw, cache, e.role, hidden)
+        return record(raw, cache, e.role, e.layer, e.heads)
 
 
 class _ForwardBoundary:
@@ -134,19 +152,6 @@ class _ForwardBoundary:
             self.lifecycle.begin()
         else:
             self.lifecycle.end()
-
-
-def _reassemble(output: torch.Tensor, entries: list[_Entry], mixed: list[torch.Tensor]) -> torch.Tensor:
-    """The producer output with each K/V slice replaced by its mix (entries sorted by start)."""
-    pieces, pos = [], 0
-    for e, m in zip(entries, mixed):
-        if e.start > pos:
-            pieces.append(output[..., pos : e.start])
-        pieces.append(m)
-        pos = e.end
-    if pos < output.shape[-1]:
-        pieces.append(output[..., pos:])
-    return torch.cat(pieces, dim=-1)
 
 
 def _enclosing_module(model: nn.Module, sites: list[AttentionSite]) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 
 import pytest
@@ -229,6 +230,18 @@ def test_errors_leave_model_untouched():
     with pytest.raises(LimeError, match="out of range"):
         limeify.limeify(model, LimeConfig(layers=[0, 1]))
     assert _same(model, snap) and not model.model.layers[1].self_attn._forward_hooks
+
+
+def test_overlapping_fused_slices_raise_and_leave_model_untouched():
+    model = make_gpt2()
+    snap = _snapshot(model)
+    good = limeify.discover_sites(model)
+    shifted = [dataclasses.replace(s, value=dataclasses.replace(s.value, start=s.value.start - 8, end=s.value.end - 8))
+               for s in good]
+    with pytest.raises(LimeError, match="overlap"):
+        limeify.limeify(model, LimeConfig(sites=shifted))
+    assert not limeify.is_limeified(model) and _same(model, snap)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def _live_caches():
