@@ -33,18 +33,32 @@ from torch.autograd.function import once_differentiable
 from .errors import LimeError
 
 
+# Forwards over at most this many tokens that start without grad reuse one buffer per role
+# and shape across calls, with its per-layer views made once: in token-by-token decoding the
+# per-op cost of slicing, not arithmetic, dominates the mix. Few shapes are kept.
+SCRATCH_TOKENS = 64
+SCRATCH_SHAPES = 8
+
+
 class ValueCache:
     """Raw K/V of every layer during one forward pass, keyed by layer index.
 
     Writes overwrite their slot, so re-running a layer (activation recomputation) never
     double-counts it. ``sources_last`` picks the ``[M, d, L*G]`` layout (for backward).
+    ``scratch`` (owned by the model's :class:`CacheLifecycle`, given only to forwards that
+    start without grad) holds buffers and their per-layer views that small forwards reuse.
     """
 
-    __slots__ = ("num_layers", "sources_last", "buffers", "grads", "grad_task", "memo", "traced", "__weakref__")
+    __slots__ = ("num_layers", "sources_last", "buffers", "grads", "grad_task", "memo", "traced",
+                 "scratch", "views", "scratch_keys", "__weakref__")
 
-    def __init__(self, num_layers: int, sources_last: bool = False) -> None:
+    def __init__(self, num_layers: int, sources_last: bool = False, scratch: Optional[dict] = None) -> None:
         self.num_layers = num_layers
         self.sources_last = sources_last
+        self.scratch = scratch
+        # role -> (slot views shaped like raw K/V, source-prefix views [M, (l+1)G, d], buffer)
+        self.views: dict[str, tuple[list, list, torch.Tensor]] = {}
+        self.scratch_keys: dict[str, tuple] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.grad_task: dict[str, int] = {}
@@ -69,8 +83,58 @@ class ValueCache:
         self.memo[layer] = (weakref.ref(key), value)
         return value
 
+    def store(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> torch.Tensor:
+        """Store ``raw`` (``[..., G*d]``) outside autograd; returns layers ``0..layer`` as ``[M, (layer+1)G, d]``."""
+        if self.sources_last:
+            return self.sources(self.write(role, layer, raw, heads), (layer + 1) * heads)
+        views = self.views.get(role)
+        if views is None:
+            views = self._open(role, raw, heads)
+        slot = views[0][layer]
+        if slot.shape != raw.shape:
+            raise LimeError(
+                f"layer {layer} produced {role} of {tuple(raw.shape)}, which does not match earlier layers "
+                f"({tuple(slot.shape)}); LIMe mixes K/V across layers, so all layers must see the same tokens"
+            )
+        slot.copy_(raw)
+        return views[1][layer]
+
+    def _open(self, role: str, raw: torch.Tensor, heads: int) -> tuple[list, list, torch.Tensor]:
+        """The role's ``[M, L*G, d]`` buffer with its per-layer views, reused from scratch if small."""
+        tokens = raw.numel() // raw.shape[-1]
+        shape = (tokens, self.num_layers * heads, raw.shape[-1] // heads)
+        buf = self.buffers.get(role)  # written by a differentiable mix earlier in this forward
+        if buf is not None and (buf.shape != shape or buf.dtype != raw.dtype):
+            buf = None
+        reuse = buf is None and self.scratch is not None and tokens <= SCRATCH_TOKENS
+        key = (role, raw.shape, heads, raw.dtype, raw.device, torch.is_inference_mode_enabled())
+        views = self.scratch.get(key) if reuse else None
+        if views is None:
+            if buf is None:
+                buf = raw.new_empty(shape)
+            # Views of .data, as in write(): a differentiable mix may have saved buf for backward.
+            base = buf.data
+            views = (
+                [base[:, l * heads : (l + 1) * heads].view(raw.shape) for l in range(self.num_layers)],
+                [base[:, : (l + 1) * heads] for l in range(self.num_layers)],
+                buf,
+            )
+            if reuse:
+                if len(self.scratch) >= SCRATCH_SHAPES:
+                    del self.scratch[next(iter(self.scratch))]
+                self.scratch[key] = views
+        if reuse:
+            self.scratch_keys[role] = key
+        self.views[role] = views
+        self.buffers[role] = views[2]
+        return views
+
     def write(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> torch.Tensor:
-        """Store ``raw`` (``[..., G*d]``) in slot ``layer``; returns the role's buffer."""
+        """Store ``raw`` (``[..., G*d]``) in slot ``layer`` for a differentiable mix; returns the role's buffer."""
+        key = self.scratch_keys.pop(role, None)
+        if key is not None:
+            # Autograd will keep this buffer for backward: no later forward may reuse it.
+            self.scratch.pop(key, None)
         d = raw.shape[-1] // heads
         tokens = raw.numel() // raw.shape[-1]
         buf = self.buffers.get(role)
@@ -270,8 +334,7 @@ def token_mix(
         return _traced_mix(_mix_tokens, coef, raw, cache, role, layer, coef.shape[-2])
     if torch.is_grad_enabled() and (raw.requires_grad or coef.requires_grad):
         return _TokenMix.apply(coef, raw, cache, role, layer)
-    buf = cache.write(role, layer, raw, coef.shape[-2])
-    return _token_mix(coef, cache, buf, raw)
+    return _mix_tokens(coef, cache.store(role, layer, raw, coef.shape[-2])).reshape(raw.shape)
 
 
 def record(raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: int) -> torch.Tensor:
@@ -281,7 +344,7 @@ def record(raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: i
         return raw
     if torch.is_grad_enabled() and raw.requires_grad:
         return _Record.apply(raw, cache, role, layer, heads)
-    cache.write(role, layer, raw, heads)
+    cache.store(role, layer, raw, heads)
     return raw
 
 
@@ -293,9 +356,7 @@ def static_mix(
         return _traced_mix(_mix_heads, weight, raw, cache, role, layer, weight.shape[0])
     if torch.is_grad_enabled() and (raw.requires_grad or weight.requires_grad):
         return _StaticMix.apply(weight, raw, cache, role, layer)
-    heads = weight.shape[0]
-    buf = cache.write(role, layer, raw, heads)
-    return _mix_heads(weight, cache.sources(buf, (layer + 1) * heads)).view(raw.shape)
+    return _mix_heads(weight, cache.store(role, layer, raw, weight.shape[0])).view(raw.shape)
 
 
 class CacheLifecycle:
@@ -311,10 +372,12 @@ class CacheLifecycle:
         self.active: Optional[ValueCache] = None
         self.last: Optional[weakref.ReferenceType] = None
         self.grad_at_start = False
+        self.scratch: dict[tuple, tuple] = {}
 
     def begin(self) -> None:
         self.grad_at_start = torch.is_grad_enabled()
-        self.active = ValueCache(self.num_layers, sources_last=self.grad_at_start)
+        scratch = None if self.grad_at_start else self.scratch
+        self.active = ValueCache(self.num_layers, sources_last=self.grad_at_start, scratch=scratch)
         self.last = weakref.ref(self.active)
 
     def end(self) -> None:

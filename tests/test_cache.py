@@ -76,3 +76,54 @@ def test_no_grad_mix_equals_grad_mix(sources_last):
     tracked = _limeify_path(raws, weights, coefs, "static", sources_last)
     for p, t in zip(plain, tracked):
         assert torch.equal(p, t)
+
+
+def test_scratch_buffers_are_reused_by_small_no_grad_forwards_and_give_the_same_mix():
+    raws, weights, coefs = _inputs(2)
+    ref = _reference(raws, weights, coefs, "static")
+    scratch: dict = {}
+    seen = []
+    with torch.no_grad():
+        for _ in range(2):
+            cache = ValueCache(LAYERS, scratch=scratch)
+            outs = [record(raws[0], cache, "k", 0, HEADS)]
+            outs += [static_mix(weights[l], raws[l], cache, "k", l) for l in range(1, LAYERS)]
+            seen.append(cache.buffers["k"])
+            for r, o in zip(ref, outs):
+                torch.testing.assert_close(o, r, rtol=0, atol=1e-12)
+    assert seen[0] is seen[1] and len(scratch) == 1
+
+
+def test_scratch_buffer_kept_for_backward_is_never_handed_to_a_later_forward():
+    raws, weights, coefs = _inputs(3)
+    ref = _reference(raws, weights, coefs, "static")
+    scratch: dict = {}
+    cache = ValueCache(LAYERS, scratch=scratch)
+    with torch.no_grad():
+        record(raws[0], cache, "k", 0, HEADS)
+    # Grad switched on inside a forward that started without it: the mix saves the buffer.
+    outs = [static_mix(weights[l], raws[l], cache, "k", l) for l in range(1, LAYERS)]
+    assert not scratch
+    with torch.no_grad():  # a later small forward with other K/V must get a buffer of its own
+        other = ValueCache(LAYERS, scratch=scratch)
+        for l in range(LAYERS):
+            record(torch.randn_like(raws[l]), other, "k", l, HEADS)
+    assert other.buffers["k"] is not cache.buffers["k"]
+    probe = [torch.randn_like(o) for o in outs]
+    want = torch.autograd.grad(sum((r * p).sum() for r, p in zip(ref[1:], probe)), weights[1:])
+    have = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, probe)), weights[1:])
+    for w, h in zip(want, have):
+        torch.testing.assert_close(h, w, rtol=0, atol=1e-12)
+
+
+def test_scratch_keeps_few_shapes_and_skips_large_forwards():
+    from limeify.cache import SCRATCH_SHAPES, SCRATCH_TOKENS
+
+    scratch: dict = {}
+    with torch.no_grad():
+        for tokens in range(1, SCRATCH_SHAPES + 4):
+            record(torch.randn(tokens, HEADS * D), ValueCache(LAYERS, scratch=scratch), "k", 0, HEADS)
+        assert len(scratch) == SCRATCH_SHAPES
+        before = list(scratch)
+        record(torch.randn(SCRATCH_TOKENS + 1, HEADS * D), ValueCache(LAYERS, scratch=scratch), "k", 0, HEADS)
+    assert list(scratch) == before

@@ -283,3 +283,15 @@ def test_nanogpt_user_module_is_traced_with_fx():
     sites = limeify.discover_sites(model, example_inputs=x[:1])
     assert [(s.key.module, s.key.start, s.key.end) for s in sites] == [(f"blocks.{i}.attn.c_attn", 32, 64) for i in range(3)]
     assert all(s.num_kv_heads == 4 and s.head_dim == 8 for s in sites)
+
+
+def test_no_grad_and_inference_mode_forwards_alternate_on_reused_buffers():
+    model = limeify.limeify(make_llama()).eval()
+    _randomize(model)
+    x = example_for("llama")
+    with torch.no_grad():
+        ref = model(x).logits
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
+        with mode():
+            assert torch.equal(model(x).logits, ref)
+    assert limeify.injection.lime_state(model).lifecycle.scratch  # small forwards reused buffers
