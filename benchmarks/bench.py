@@ -539,7 +539,6 @@ def bench_latency(arch: Arch, args, device, dtype, log) -> dict:
         t = timed_rounds(fns, args.warmup, args.decode_repeats, device)
         res[f"decode{bsz}"] = summarize(t, invert=True, scale=bsz * args.new_tokens)
     log(f"  [{arch.name}] time inside limeify's hooks ...")
-    models["limeify"].requires_grad_(False)
     res["hook_share"] = hook_shares(models["limeify"], x, prompts, args.new_tokens, args.hook_rounds, device)
     del models
     return res
