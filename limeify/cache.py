@@ -103,17 +103,14 @@ class ValueCache:
     def _open(self, role: str, raw: torch.Tensor, heads: int) -> tuple[list, list, torch.Tensor]:
         """The role's ``[M, L*G, d]`` buffer with its per-layer views, reused from scratch if small."""
         tokens = raw.numel() // raw.shape[-1]
-        shape = (tokens, self.num_layers * heads, raw.shape[-1] // heads)
-        buf = self.buffers.get(role)  # written by a differentiable mix earlier in this forward
-        if buf is not None and (buf.shape != shape or buf.dtype != raw.dtype):
-            buf = None
-        reuse = buf is None and self.scratch is not None and tokens <= SCRATCH_TOKENS
+        reuse = self.scratch is not None and tokens <= SCRATCH_TOKENS
         key = (role, raw.shape, heads, raw.dtype, raw.device, torch.is_inference_mode_enabled())
         views = self.scratch.get(key) if reuse else None
         if views is None:
-            if buf is None:
-                buf = raw.new_empty(shape)
-            # Views of .data, as in write(): a differentiable mix may have saved buf for backward.
+            buf = raw.new_empty(tokens, self.num_layers * heads, raw.shape[-1] // heads)
+            # Views of .data: later layers write their own slots in place; slots saved for
+            # backward by earlier layers never change, so autograd's version check must not see
+            # these writes.
             base = buf.data
             views = (
                 [base[:, l * heads : (l + 1) * heads].view(raw.shape) for l in range(self.num_layers)],
@@ -132,14 +129,17 @@ class ValueCache:
 
     def write(self, role: str, layer: int, raw: torch.Tensor, heads: int) -> torch.Tensor:
         """Store ``raw`` (``[..., G*d]``) in slot ``layer`` for a differentiable mix; returns the role's buffer."""
-        key = self.scratch_keys.pop(role, None)
-        if key is not None:
-            # Autograd will keep this buffer for backward: no later forward may reuse it.
-            self.scratch.pop(key, None)
+        if not self.sources_last:
+            self.store(role, layer, raw, heads)
+            key = self.scratch_keys.pop(role, None)
+            if key is not None:
+                # Autograd will keep this buffer for backward: no later forward may reuse it.
+                self.scratch.pop(key, None)
+            return self.buffers[role]
         d = raw.shape[-1] // heads
         tokens = raw.numel() // raw.shape[-1]
         buf = self.buffers.get(role)
-        shape = (tokens, d, self.num_layers * heads) if self.sources_last else (tokens, self.num_layers * heads, d)
+        shape = (tokens, d, self.num_layers * heads)
         if buf is None or buf.shape != shape or buf.dtype != raw.dtype:
             if layer != 0 and buf is not None:
                 raise LimeError(
@@ -149,9 +149,8 @@ class ValueCache:
                 )
             buf = raw.new_empty(shape)
             self.buffers[role] = buf
-        # .data: later layers write their own slots in place; slots saved for backward by
-        # earlier layers never change, so autograd's version check must not see these writes.
-        # Callers run with grad off or on inputs that need none, so raw needs no detach.
+        # .data as in _open; callers run with grad off or on inputs that need none, so raw
+        # needs no detach.
         self.slot(buf.data, layer, heads).copy_(raw.reshape(tokens, heads, d))
         return buf
 
