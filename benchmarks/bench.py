@@ -56,8 +56,7 @@ if str(ROOT) not in sys.path:
 
 import limeify  # noqa: E402
 from limeify import LimeConfig  # noqa: E402
-from limeify.cache import ValueCache, record  # noqa: E402
-from limeify.injection import _ForwardBoundary, _ProducerHook, lime_state  # noqa: E402
+from limeify import ValueCache, record  # noqa: E402
 
 VARIANTS = ("base", "limeify", "naive")
 MIX_ONLY = "mixing alone"
@@ -271,10 +270,9 @@ def build_variants(arch: Arch, layers: int | None, device, dtype, seq: int) -> d
     lime = copy.deepcopy(base)
     sites = sites_for(arch, layers or arch.layers, device, dtype)
     limeify.limeify(lime, LimeConfig(init="paper", sites=sites))
-    state = lime_state(lime)
-    weights = {l: w for l, w in zip(state.router_layers, limeify.router_parameters(lime))}
+    weights = dict(zip(limeify.routers(lime), limeify.router_parameters(lime)))
     naive = copy.deepcopy(base)
-    NaiveLime(naive, state.sites, weights)
+    NaiveLime(naive, limeify.attention_sites(lime), weights)
     return {"base": base, "limeify": lime, "naive": naive}
 
 
@@ -356,11 +354,11 @@ def mixing_fn(model, x, train: bool):
     the base model in the same rounds, this is the overhead limeify cannot go below at this
     shape with these kernels: the rest of its overhead is hooks and glue.
     """
-    state = lime_state(model)
+    sites = limeify.attention_sites(model)
     rts = limeify.routers(model)
     param = next(model.parameters())
     raws, grads = [], []
-    for site in state.sites:
+    for site in sites:
         per_role = {}
         for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
             width = site.num_kv_heads * dim
@@ -371,10 +369,10 @@ def mixing_fn(model, x, train: bool):
         raws.append(per_role)
 
     def run():
-        cache = ValueCache(len(state.sites), sources_last=train)
+        cache = ValueCache(None, len(sites), grad=train)
         outs = []
         with torch.set_grad_enabled(train):
-            for site in state.sites:
+            for site in sites:
                 router = rts.get(site.layer)
                 for role in ("k", "v"):
                     raw = raws[site.layer][role][1]
@@ -391,10 +389,10 @@ def mixing_fn(model, x, train: bool):
 
 def mixing_flops(model, tokens: int) -> int:
     """Multiply-adds x 2 of one forward's mixes (static routers: ``[G, n] @ [n, d]`` per token)."""
-    state = lime_state(model)
+    sites = limeify.attention_sites(model)
     total = 0
-    for layer in state.router_layers:
-        site = state.sites[layer]
+    for layer in limeify.routers(model):
+        site = sites[layer]
         n = (layer + 1) * site.num_kv_heads
         total += 2 * tokens * site.num_kv_heads * n * (site.head_dim + site.v_head_dim)
     return total
@@ -425,67 +423,6 @@ def decode_fn(model, prompt, steps, on_start: Callable[[], None] | None = None):
             sync(prompt.device)
             return time.perf_counter() - t0
     return run
-
-
-class HookTimer:
-    """Wall time spent inside limeify's hooks, for the share of a pass that is limeify's own.
-
-    Within one pass the share is immune to the machine's load changing between rounds, unlike
-    a ratio of two separately timed passes. It counts work done in the hooks (writes, mixes,
-    re-assembly), not the forward-pass effects of the hooks being there, and only CPU-side time
-    (on GPU the hooks only launch kernels, so use the ratios there).
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.seconds, self.patched = model, 0.0, []
-
-    def _wrap(self, hook):
-        def timed(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return hook(*a, **kw)
-            finally:
-                self.seconds += time.perf_counter() - t0
-        return timed
-
-    def __enter__(self) -> "HookTimer":
-        for m in self.model.modules():
-            for hooks in (m._forward_hooks, m._forward_pre_hooks):
-                for k, h in list(hooks.items()):
-                    if isinstance(h, (_ProducerHook, _ForwardBoundary)):
-                        hooks[k] = self._wrap(h)
-                        self.patched.append((hooks, k, h))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for hooks, k, h in self.patched:
-            hooks[k] = h
-        self.patched.clear()
-
-    def reset(self) -> None:
-        self.seconds = 0.0
-
-
-def hook_shares(model: nn.Module, x, prompts: dict[int, torch.Tensor], steps: int, rounds: int, device) -> dict:
-    """Median over ``rounds`` of the share of forward / decode time spent inside limeify's hooks."""
-    out: dict[str, float] = {}
-    with HookTimer(model) as timer:
-        fwd = []
-        for _ in range(rounds):
-            timer.reset()
-            sync(device)
-            t0 = time.perf_counter()
-            forward_fn(model, x)()
-            sync(device)
-            fwd.append(timer.seconds / (time.perf_counter() - t0))
-        out["fwd"] = statistics.median(fwd)
-        for bsz, prompt in prompts.items():
-            shares = []
-            for _ in range(rounds):
-                elapsed = decode_fn(model, prompt, steps, on_start=timer.reset)()
-                shares.append(timer.seconds / elapsed)
-            out[f"decode{bsz}"] = statistics.median(shares)
-    return out
 
 
 def peak_cuda_mb(fn, device) -> float | None:
@@ -530,16 +467,13 @@ def bench_latency(arch: Arch, args, device, dtype, log) -> dict:
     t = timed_rounds(fns, args.warmup, args.repeats, device)
     res["fwdbwd"] = summarize(t, scale=1e3)
     res["peak_mb"] = {v: peak_cuda_mb(train_fn(models[v], x), device) for v in variants}
-    prompts = {}
     for bsz in args.decode_batches:
         log(f"  [{arch.name}] decode batch {bsz} ...")
-        prompt = prompts[bsz] = torch.randint(0, arch.vocab, (bsz, args.prompt), device=device)
+        prompt = torch.randint(0, arch.vocab, (bsz, args.prompt), device=device)
         fns = {v: decode_fn(models[v], prompt, args.new_tokens) for v in variants
                if v != "naive" or args.naive_decode}
         t = timed_rounds(fns, args.warmup, args.decode_repeats, device)
         res[f"decode{bsz}"] = summarize(t, invert=True, scale=bsz * args.new_tokens)
-    log(f"  [{arch.name}] time inside limeify's hooks ...")
-    res["hook_share"] = hook_shares(models["limeify"], x, prompts, args.new_tokens, args.hook_rounds, device)
     del models
     return res
 
@@ -760,23 +694,6 @@ def report(args, device, dtype, archs, latency, memory, compiled, env, elapsed) 
                          f"{mult * res['flops']['base'] / base_ms / 1e6:.1f} | "
                          f"{mult * res['flops']['mix'] / mix_ms / 1e6:.1f} |")
         L.append("")
-        L.append("Share of limeify's own time spent inside its hooks (writes, mixes, re-assembly), measured within "
-                 f"single passes (median of {args.hook_rounds}), so it does not depend on the load changing between "
-                 "rounds. Without the hooks' work a pass would take `1 - share` of its time, so `1 / (1 - share)` "
-                 "estimates the forward ratio and `1 - share` the decode tokens/s ratio, from the CPU side only "
-                 "(on a GPU the hooks launch kernels asynchronously; use the ratios above there).\n")
-        heads = ["forward"] + [f"decode b{b}" for b in args.decode_batches]
-        L.append("| model | " + " | ".join(f"{h} share | implied ratio" for h in heads) + " |")
-        L.append("|---|" + "---:|---:|" * len(heads))
-        for name, res in latency.items():
-            sh = res["hook_share"]
-            cells = [f"{sh['fwd']:.3f} | {1 / (1 - sh['fwd']):.3f} {verdict(1 / (1 - sh['fwd']), 'fwd')}"]
-            for b in args.decode_batches:
-                v = sh[f"decode{b}"]
-                cells.append(f"{v:.3f} | {1 - v:.3f} {verdict(1 - v, 'decode')}")
-            L.append(f"| {name} | " + " | ".join(cells) + " |")
-        L.append("")
-
     if memory:
         L.append(f"## Activations saved for backward (batch {args.mem_batch} x {args.mem_seq} tokens, training "
                  "forward with loss; bytes deduplicated by storage, parameters excluded)\n")
@@ -860,8 +777,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt", type=int, default=None, help="decode prompt length (default 32)")
     g.add_argument("--new-tokens", type=int, default=None, help="greedy tokens decoded per round (default 16 CPU, 64 GPU)")
     g.add_argument("--decode-repeats", type=int, default=None, help="decode rounds (default 3 CPU, 10 GPU)")
-    g.add_argument("--hook-rounds", type=int, default=None,
-                   help="passes measuring the share of time inside limeify's hooks (default 3, 2 with --quick)")
     g.add_argument("--no-naive-latency", action="store_true", help="time base and limeify only")
     g.add_argument("--naive-decode", action="store_true",
                    help="also decode with the naive reference (off by default: with a KV cache each step "
@@ -902,7 +817,6 @@ def fill_defaults(args, device) -> None:
         prompt=8 if quick else 32,
         new_tokens=4 if quick else (64 if gpu else 16),
         decode_repeats=2 if quick else (10 if gpu else 3),
-        hook_rounds=2 if quick else 3,
         depths=[2, 4] if quick else [4, 8, 16, 32],
         mem_batch=1,
         mem_seq=16 if quick else 128,

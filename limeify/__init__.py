@@ -4,10 +4,12 @@ from .config import LimeConfig
 from .conversion import convert, from_pretrained
 from .discovery import discover_sites
 from .errors import LimeError
-from .injection import describe, is_limeified, limeify, rebind, router_parameters, routers, unlimeify
+from .calls import ValueCache
+from .injection import attention_sites, describe, is_limeified, limeify, rebind, router_parameters, routers, unlimeify
 from .peft_integration import get_lime_peft_model, load_lime_peft, save_lime_peft
 from .persistence import load_lime, read_lime, save_lime
 from .training import mark_only_routers_trainable, print_trainable_parameters, router_param_groups
+from .mixing import record, static_mix, token_mix
 from .routers import Router, available_mechanisms, register_mechanism
 from .sites import AttentionSite, KVSource
 
@@ -15,10 +17,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSite",
+    "attention_sites",
     "KVSource",
     "LimeConfig",
     "LimeError",
     "Router",
+    "ValueCache",
     "available_mechanisms",
     "convert",
     "from_pretrained",
@@ -32,10 +36,13 @@ __all__ = [
     "mark_only_routers_trainable",
     "print_trainable_parameters",
     "read_lime",
+    "record",
     "rebind",
     "router_param_groups",
     "save_lime",
     "save_lime_peft",
+    "static_mix",
+    "token_mix",
     "register_mechanism",
     "router_parameters",
     "routers",

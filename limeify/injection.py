@@ -1,9 +1,11 @@
 """limeify(): install routers and value-cache hooks on a model in place; unlimeify() removes them.
 
-Hooks are registered once, at limeify time, on the modules that produce K and V (and on the
-module enclosing all attention layers, to open and close the per-forward value cache). At
-call time a hook only writes raw K/V into the cache and calls the router it looks up on the
-attention module, never one captured in a closure: PEFT may swap the router for a wrapper.
+Hooks are registered once, at limeify time: on the modules that produce K and V; on the
+module enclosing all attention layers, to open and close each call's value cache; and on the
+modules between the two, to find a call again when activation checkpointing recomputes its
+layers in backward (limeify/calls.py). At call time a hook only writes raw K/V into the cache
+and calls the router it looks up on the attention module, never one captured in a closure:
+PEFT may swap the router for a wrapper.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import CacheLifecycle, record
+from .calls import CallTracker, ValueCache
+from .mixing import record
 from .config import LimeConfig
 from .discovery import discover_sites
 from .errors import LimeError
@@ -42,7 +45,7 @@ class LimeState:
         self.config = config
         self.sites = sites
         self.router_layers = router_layers
-        self.lifecycle = CacheLifecycle(len(sites))
+        self.tracker = CallTracker(len(sites))
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.producer_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.router_owners: dict[int, nn.Module] = {}
@@ -95,9 +98,9 @@ class _ProducerHook:
     gives a copy whose hooks refer to the copy's own modules, routers and value cache.
     """
 
-    def __init__(self, lifecycle: CacheLifecycle, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module) -> None:
+    def __init__(self, tracker: CallTracker, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module) -> None:
         self.whole = len(entries) == 1 and entries[0].start is None
-        self.lifecycle = lifecycle
+        self.tracker = tracker
         self.entries = entries if self.whole else sorted(entries, key=lambda e: e.start)
         self.parent, self.name, self.module = parent, name, module
         # A fused output (e.g. GPT-2's qkv) is cut once with split, not sliced per K/V: the
@@ -124,34 +127,54 @@ class _ProducerHook:
                 "limeify.rebind(model) after wrapping (get_lime_peft_model does this for you)"
             )
         hidden = args[0] if args else None
+        cache = self.tracker.current(self.entries[0].layer, mod, args)
         if self.whole:
-            return self._mix(self.entries[0], output, hidden)
+            return self._mix(self.entries[0], output, hidden, cache)
         tail = output.shape[-1] - self.covered
         if tail < 0:
             raise LimeError(f"{self.name} produced {output.shape[-1]} features, but its K/V slices end at {self.covered}")
         pieces = list(output.split(self.sizes + [tail] if tail else self.sizes, dim=-1))
         for e, i in zip(self.entries, self.pieces):
-            pieces[i] = self._mix(e, pieces[i], hidden)
+            pieces[i] = self._mix(e, pieces[i], hidden, cache)
         return torch.cat(pieces, dim=-1)
 
-    def _mix(self, e: _Entry, raw: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
-        cache = self.lifecycle.current(e.layer)
+    def _mix(self, e: _Entry, raw: torch.Tensor, hidden: torch.Tensor | None, cache: ValueCache) -> torch.Tensor:
         if e.routed:
             return e.attention._modules[ROUTER_ATTR](raw, cache, e.role, hidden)
         return record(raw, cache, e.role, e.layer, e.heads)
 
 
-class _ForwardBoundary:
-    """Pre-hook opening and forward hook closing the value cache on the enclosing module."""
+class _CallBoundary:
+    """Pre-hook opening and forward hook closing a call's value cache on the enclosing module."""
 
-    def __init__(self, lifecycle: CacheLifecycle, opening: bool) -> None:
-        self.lifecycle, self.opening = lifecycle, opening
+    def __init__(self, tracker: CallTracker, opening: bool) -> None:
+        self.tracker, self.opening = tracker, opening
 
     def __call__(self, mod: nn.Module, *args) -> None:
         if self.opening:
-            self.lifecycle.begin()
+            self.tracker.open()
         else:
-            self.lifecycle.end()
+            self.tracker.close()
+
+
+class _CallFinder:
+    """Hooks on the modules between the enclosing module and the K/V producers.
+
+    In a forward with grad the pre-hook marks the module's input tensors with the open call;
+    when activation checkpointing re-runs the module in backward, the pre-hook resumes the call
+    its inputs were marked with and the forward hook closes it again.
+    """
+
+    def __init__(self, tracker: CallTracker, opening: bool) -> None:
+        self.tracker, self.opening = tracker, opening
+
+    def __call__(self, mod: nn.Module, args: tuple, kwargs: dict, *output) -> None:
+        if not self.opening:
+            self.tracker.release(mod)
+        elif self.tracker.has_open_call():
+            self.tracker.mark(args, kwargs)
+        else:
+            self.tracker.resume(mod, args, kwargs)
 
 
 def _enclosing_module(model: nn.Module, sites: list[AttentionSite]) -> nn.Module:
@@ -246,8 +269,37 @@ def _install(model: nn.Module, state: LimeState) -> None:
     _bind_producers(model, state)
 
     enclosing = _enclosing_module(model, sites)
-    state.handles.append(enclosing.register_forward_pre_hook(_ForwardBoundary(state.lifecycle, True)))
-    state.handles.append(enclosing.register_forward_hook(_ForwardBoundary(state.lifecycle, False), always_call=True))
+    tracker = state.tracker
+    tracker.where = type(enclosing).__name__
+    state.handles.append(enclosing.register_forward_pre_hook(_CallBoundary(tracker, True)))
+    state.handles.append(enclosing.register_forward_hook(_CallBoundary(tracker, False), always_call=True))
+    for module in _between(model, enclosing, sites):
+        state.handles.append(module.register_forward_pre_hook(_CallFinder(tracker, True), with_kwargs=True))
+        state.handles.append(
+            module.register_forward_hook(_CallFinder(tracker, False), with_kwargs=True, always_call=True)
+        )
+
+
+def _between(model: nn.Module, enclosing: nn.Module, sites: list[AttentionSite]) -> list[nn.Module]:
+    """The called modules strictly inside ``enclosing`` on the way to each K/V producer.
+
+    Activation checkpointing re-runs some unit among them: a decoder layer called as a module
+    (``checkpoint(layer, hidden)``, ``checkpoint_wrapper``), or only a layer's forward body
+    (transformers' ``GradientCheckpointingLayer``), whose module calls the attention module
+    with the same per-call tensors (masks, rotary cos/sin) as in the forward. The producers
+    themselves mark and read their own inputs in their hook.
+    """
+    top = next(name for name, m in model.named_modules(remove_duplicate=False) if m is enclosing)
+    depth = len(top.split(".")) if top else 0
+    paths = {s.key.module for s in sites} | {s.value.module for s in sites}
+    found: dict[int, nn.Module] = {}
+    for path in paths:
+        parts = path.split(".")
+        for i in range(depth + 1, len(parts)):
+            module = model.get_submodule(".".join(parts[:i]))
+            if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+                found[id(module)] = module
+    return list(found.values())
 
 
 def _bind_producers(model: nn.Module, state: LimeState) -> None:
@@ -264,7 +316,7 @@ def _bind_producers(model: nn.Module, state: LimeState) -> None:
             raise LimeError(f"{path} is both K and V of a site with no slices; give K and V slices in LimeConfig(sites=...)")
         module = _resolve(model, path, "K/V producer")
         parent, name = _parent_and_name(model, path)
-        hook = _ProducerHook(state.lifecycle, entries, parent, name, module)
+        hook = _ProducerHook(state.tracker, entries, parent, name, module)
         state.producer_handles.append(module.register_forward_hook(hook))
 
 
@@ -316,6 +368,11 @@ def routers(model: nn.Module) -> dict[int, Router]:
     """Routers in layer order, as ``{layer: router}``."""
     state = lime_state(model)
     return {layer: active_router(owner._modules[ROUTER_ATTR]) for layer, owner in sorted(state.router_owners.items())}
+
+
+def attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """The attention sites a limeified model mixes, in layer order."""
+    return list(lime_state(model).sites)
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .cache import ValueCache, static_mix, token_mix
+from .calls import ValueCache
+from .mixing import static_mix, token_mix
 from .errors import LimeError
 from .sites import AttentionSite
 
@@ -40,8 +41,8 @@ def available_mechanisms() -> list[str]:
 class Router(nn.Module):
     """Base class: ``forward`` returns this layer's mixed K or V in the raw layout ``[..., G*d]``.
 
-    Args of ``forward``: ``raw`` is this layer's raw K or V, ``cache`` the per-forward value
-    cache holding layers ``0..layer``, ``role`` ``"k"`` or ``"v"``, ``hidden`` the input of the
+    Args of ``forward``: ``raw`` is this layer's raw K or V, ``cache`` the value cache of this
+    call of the stack, holding layers ``0..layer``, ``role`` ``"k"`` or ``"v"``, ``hidden`` the input of the
     projection that produced ``raw`` (the layer's normalized hidden state in pre-norm models).
     """
 

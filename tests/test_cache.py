@@ -1,8 +1,8 @@
-"""The value cache's mixing functions, in both buffer layouts, against a direct computation.
+"""The mixing functions, in both buffer layouts, against a direct computation.
 
-A forward under grad uses the ``[M, d, L*G]`` layout and one under no_grad the
-``[M, L*G, d]`` one (limeify/cache.py); the model-level tests only ever differentiate the
-first, so here both are driven directly, values and gradients, in float64.
+A call under grad uses the ``[M, d, L*G]`` layout and one under no_grad the ``[M, L*G, d]``
+one (limeify/buffers.py); the model-level tests only ever differentiate the first, so here
+both are driven directly, values and gradients, in float64.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from limeify.cache import ValueCache, record, static_mix, token_mix
+from limeify.buffers import SCRATCH_SHAPES, SCRATCH_TOKENS, ScratchPool
+from limeify.calls import ValueCache
+from limeify.mixing import record, static_mix, token_mix
 
 LAYERS, HEADS, D, LEAD = 3, 2, 4, (2, 5)
 
@@ -39,7 +41,7 @@ def _reference(raws, weights, coefs, mechanism):
 
 
 def _limeify_path(raws, weights, coefs, mechanism, sources_last):
-    cache = ValueCache(LAYERS, sources_last=sources_last)
+    cache = ValueCache(None, LAYERS, grad=sources_last)
     outs = []
     for role in ("k", "v"):  # two roles share one cache, as K and V do
         outs = [record(raws[0], cache, role, 0, HEADS)]
@@ -81,14 +83,14 @@ def test_no_grad_mix_equals_grad_mix(sources_last):
 def test_scratch_buffers_are_reused_by_small_no_grad_forwards_and_give_the_same_mix():
     raws, weights, coefs = _inputs(2)
     ref = _reference(raws, weights, coefs, "static")
-    scratch: dict = {}
+    scratch = ScratchPool()
     seen = []
     with torch.no_grad():
         for _ in range(2):
-            cache = ValueCache(LAYERS, scratch=scratch)
+            cache = ValueCache(None, LAYERS, grad=False, scratch=scratch)
             outs = [record(raws[0], cache, "k", 0, HEADS)]
             outs += [static_mix(weights[l], raws[l], cache, "k", l) for l in range(1, LAYERS)]
-            seen.append(cache.buffers["k"])
+            seen.append(cache.buffers["k"].tensor)
             for r, o in zip(ref, outs):
                 torch.testing.assert_close(o, r, rtol=0, atol=1e-12)
     assert seen[0] is seen[1] and len(scratch) == 1
@@ -97,18 +99,18 @@ def test_scratch_buffers_are_reused_by_small_no_grad_forwards_and_give_the_same_
 def test_scratch_buffer_kept_for_backward_is_never_handed_to_a_later_forward():
     raws, weights, coefs = _inputs(3)
     ref = _reference(raws, weights, coefs, "static")
-    scratch: dict = {}
-    cache = ValueCache(LAYERS, scratch=scratch)
+    scratch = ScratchPool()
+    cache = ValueCache(None, LAYERS, grad=False, scratch=scratch)
     with torch.no_grad():
         record(raws[0], cache, "k", 0, HEADS)
     # Grad switched on inside a forward that started without it: the mix saves the buffer.
     outs = [static_mix(weights[l], raws[l], cache, "k", l) for l in range(1, LAYERS)]
-    assert not scratch
+    assert not len(scratch)
     with torch.no_grad():  # a later small forward with other K/V must get a buffer of its own
-        other = ValueCache(LAYERS, scratch=scratch)
+        other = ValueCache(None, LAYERS, grad=False, scratch=scratch)
         for l in range(LAYERS):
             record(torch.randn_like(raws[l]), other, "k", l, HEADS)
-    assert other.buffers["k"] is not cache.buffers["k"]
+    assert other.buffers["k"].tensor is not cache.buffers["k"].tensor
     probe = [torch.randn_like(o) for o in outs]
     want = torch.autograd.grad(sum((r * p).sum() for r, p in zip(ref[1:], probe)), weights[1:])
     have = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, probe)), weights[1:])
@@ -117,13 +119,11 @@ def test_scratch_buffer_kept_for_backward_is_never_handed_to_a_later_forward():
 
 
 def test_scratch_keeps_few_shapes_and_skips_large_forwards():
-    from limeify.cache import SCRATCH_SHAPES, SCRATCH_TOKENS
-
-    scratch: dict = {}
+    scratch = ScratchPool()
     with torch.no_grad():
         for tokens in range(1, SCRATCH_SHAPES + 4):
-            record(torch.randn(tokens, HEADS * D), ValueCache(LAYERS, scratch=scratch), "k", 0, HEADS)
+            record(torch.randn(tokens, HEADS * D), ValueCache(None, LAYERS, grad=False, scratch=scratch), "k", 0, HEADS)
         assert len(scratch) == SCRATCH_SHAPES
-        before = list(scratch)
-        record(torch.randn(SCRATCH_TOKENS + 1, HEADS * D), ValueCache(LAYERS, scratch=scratch), "k", 0, HEADS)
-    assert list(scratch) == before
+        before = scratch.keys()
+        record(torch.randn(SCRATCH_TOKENS + 1, HEADS * D), ValueCache(None, LAYERS, grad=False, scratch=scratch), "k", 0, HEADS)
+    assert scratch.keys() == before

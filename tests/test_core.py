@@ -12,7 +12,7 @@ from torch import nn
 
 import limeify
 from limeify import LimeConfig, LimeError
-from limeify.cache import ValueCache
+from limeify.calls import ValueCache
 
 from conftest import (BUILDERS, example_for, generate_with_and_without_cache, logits_of, make_gpt2, make_llama,
                       reference_mix_logits)
@@ -252,16 +252,16 @@ def _live_caches():
 def test_value_cache_does_not_outlive_a_forward():
     model = limeify.limeify(make_llama()).train()
     x = example_for("llama")
-    lifecycle = model._lime_state.lifecycle
+    tracker = model._lime_state.tracker
     before = _live_caches()
     with torch.no_grad():
         for _ in range(3):  # a few forwards: any cache that outlives its forward stays counted
             model.eval()(x)
-    assert lifecycle.active is None and _live_caches() == before
+    assert not tracker.has_open_call() and _live_caches() == before
     model.train()
     for _ in range(3):
         model(x, labels=x).loss.backward()
-    assert lifecycle.active is None and _live_caches() == before
+    assert not tracker.has_open_call() and _live_caches() == before
 
     boom = model.model.layers[1].mlp.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     try:
@@ -269,7 +269,7 @@ def test_value_cache_does_not_outlive_a_forward():
             with torch.set_grad_enabled(grad):
                 with pytest.raises(RuntimeError, match="boom"):
                     model(x)
-            assert lifecycle.active is None
+            assert not tracker.has_open_call()
             assert _live_caches() == before
     finally:
         boom.remove()
@@ -294,4 +294,4 @@ def test_no_grad_and_inference_mode_forwards_alternate_on_reused_buffers():
     for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode, torch.no_grad):
         with mode():
             assert torch.equal(model(x).logits, ref)
-    assert limeify.injection.lime_state(model).lifecycle.scratch  # small forwards reused buffers
+    assert len(limeify.injection.lime_state(model).tracker.scratch)  # small forwards reused buffers
