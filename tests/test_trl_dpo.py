@@ -29,9 +29,7 @@ import limeify
 
 from conftest import make_llama
 
-pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-
+import datasets  # noqa: E402  (a test dependency through trl: a missing one must fail, not skip)
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
