@@ -18,13 +18,14 @@ How a hook finds its call (:class:`CallTracker`):
      hooks of one checkpoint frame. A layer run in the forward notes (a weak reference to)
      its call on that frame; a layer re-run in backward reads it back. This is exact, and
      needs nothing of the region's inputs.
-  2. Checkpointing re-runs a region with the very tensor objects it got in the forward. While
-     a call runs with grad, the hooks on the modules between the enclosing module and the K/V
-     producers *mark* the tensors entering them with the call; a re-run module whose inputs
-     carry exactly one live call of this stack resumes that call for its duration.
+  2. Any other recomputation that re-runs a K/V projection with the very tensor it got in
+     the forward (a checkpointed projection, or a post-norm layer whose projections read the
+     layer's input): while a call runs with grad, each K/V hook *marks* its input tensor with
+     the call, and a re-run projection whose input carries exactly one live call of this
+     stack belongs to it.
 
-  Inputs marked by several calls whose backward is pending (the same tensors given to two
-  forwards) resume none and raise :class:`LimeError`; so do re-run layers that neither way
+  An input marked by several calls whose backward is pending (the same tensor given to two
+  forwards) names none and raises :class:`LimeError`; so does a re-run layer that neither way
   leads anywhere: limeify never guesses.
 
 Autograd keeps a cache alive exactly as long as its backward may need it: the mixing
@@ -117,13 +118,11 @@ class ValueCache:
 class _PerThread(threading.local):
     def __init__(self) -> None:
         self.calls: list[ValueCache] = []
-        # (module, cache) pairs resumed for a recomputation, closed by the module's forward hook.
-        self.resumed: list[tuple[torch.nn.Module, ValueCache]] = []
         self.scratch = ScratchPool()
 
 
-def _tensors(args: tuple, kwargs: dict | None):
-    for value in (*args, *(kwargs.values() if kwargs else ())):
+def _tensors(args: tuple):
+    for value in args:
         if isinstance(value, torch.Tensor):
             yield value
         elif isinstance(value, (tuple, list)):
@@ -196,13 +195,10 @@ class CallTracker:
         if calls:
             calls.pop()
 
-    def mark(self, args: tuple, kwargs: dict | None) -> None:
-        """Mark the tensors entering a module with the open call, for recomputation to find it."""
-        calls = self._local.calls
-        if not calls or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return
-        ref = weakref.ref(calls[-1])
-        for t in _tensors(args, kwargs):
+    def _mark(self, cache: ValueCache, args: tuple) -> None:
+        """Mark the tensors entering a K/V projection with its call, for recomputation to find it."""
+        ref = weakref.ref(cache)
+        for t in _tensors(args):
             marks = t.__dict__.get(MARK)
             if marks is None:
                 t.__dict__[MARK] = [ref]
@@ -210,22 +206,6 @@ class CallTracker:
                 if len(marks) >= 8:
                     marks[:] = [m for m in marks if m() is not None]
                 marks.append(ref)
-
-    def resume(self, module: torch.nn.Module, args: tuple, kwargs: dict | None) -> None:
-        """In backward: if ``module``'s inputs name one call of this stack, make it the open one."""
-        if not _in_backward():
-            return
-        cache = self._frame_call() or self._find(args, kwargs, module)
-        if cache is not None:
-            self._local.calls.append(cache)
-            self._local.resumed.append((module, cache))
-
-    def release(self, module: torch.nn.Module) -> None:
-        """Forward hook of a module that may have resumed a call: close it again."""
-        resumed = self._local.resumed
-        if resumed and resumed[-1][0] is module:
-            resumed.pop()
-            self._local.calls.pop()
 
     def _note_frame(self, cache: ValueCache) -> None:
         frame = _checkpoint_frame()
@@ -243,9 +223,9 @@ class CallTracker:
         # recomputation re-opens them through the enclosing module's hooks instead.
         return calls[0] if len(calls) == 1 else None
 
-    def _find(self, args: tuple, kwargs: dict | None, module: torch.nn.Module) -> ValueCache | None:
+    def _find(self, args: tuple, module: torch.nn.Module) -> ValueCache | None:
         found: set[ValueCache] | None = None
-        for t in _tensors(args, kwargs):
+        for t in _tensors(args):
             marks = t.__dict__.get(MARK)
             if not marks:
                 continue
@@ -256,10 +236,12 @@ class CallTracker:
             return None
         if len(found) != 1:
             raise LimeError(
-                f"{type(module).__name__} was recomputed in backward (activation checkpointing), and its "
-                f"inputs entered it in {len(found) or 'several'} forward calls whose backward is still "
-                "pending, so limeify cannot tell which call's K/V to use. Give each forward its own "
-                "input tensors (e.g. inputs_embeds.clone()), or run each forward's backward before the next"
+                f"a K/V projection ({type(module).__name__}) was recomputed in backward (activation "
+                f"checkpointing), and its input entered it in {len(found) or 'several'} forward calls whose "
+                "backward is still pending, so limeify cannot tell which call's K/V to use. Give each "
+                "forward its own input tensors (e.g. x.clone()), run each forward's backward before the "
+                "next, or checkpoint with torch.utils.checkpoint.checkpoint(..., use_reentrant=False), "
+                "whose regions limeify tells apart exactly"
             )
         return next(iter(found))
 
@@ -267,7 +249,7 @@ class CallTracker:
         """The call an attention layer's K/V hook belongs to (resuming it in recomputation)."""
         in_backward = _in_backward()
         if in_backward:
-            cache = self._frame_call() or self._find(args, None, module)
+            cache = self._frame_call() or self._find(args, module)
             if cache is not None:
                 return cache
         calls = self._local.calls
@@ -284,17 +266,16 @@ class CallTracker:
                     "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
                 )
             if not in_backward and cache.grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                self.mark(args, None)
+                self._mark(cache, args)
                 self._note_frame(cache)
             return cache
         if in_backward:
             raise LimeError(
-                f"attention layer {layer} was recomputed in backward (activation checkpointing), but its "
-                "inputs are not tensors that entered a module of a limeified forward, so limeify cannot "
-                "tell which forward call it belongs to. Checkpoint whole modules with non-reentrant "
-                "checkpointing (model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                "{'use_reentrant': False}), or torch.utils.checkpoint.checkpoint(module, hidden, "
-                "use_reentrant=False)), not a function that computes new tensors before calling them"
+                f"attention layer {layer} was recomputed in backward, but not by torch's non-reentrant "
+                "checkpoint and not from a tensor its K/V projection saw in a limeified forward, so "
+                "limeify cannot tell which forward call it belongs to. Checkpoint with "
+                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) (what transformers' "
+                "activation_checkpointing_enable(), checkpoint_wrapper and accelerate use)"
             )
         raise LimeError(
             f"attention layer {layer} ran outside a call of {self.where}, which opens LIMe's per-call "

@@ -1,9 +1,8 @@
 """limeify(): install routers and value-cache hooks on a model in place; unlimeify() removes them.
 
-Hooks are registered once, at limeify time: on the modules that produce K and V; on the
-module enclosing all attention layers, to open and close each call's value cache; and on the
-modules between the two, to find a call again when activation checkpointing recomputes its
-layers in backward (limeify/calls.py). At call time a hook only writes raw K/V into the cache
+Hooks are registered once, at limeify time: on the modules that produce K and V, and on the
+module enclosing all attention layers, to open and close each call's value cache
+(limeify/calls.py). At call time a hook only writes raw K/V into the cache
 and calls the router it looks up on the attention module, never one captured in a closure:
 PEFT may swap the router for a wrapper.
 """
@@ -157,26 +156,6 @@ class _CallBoundary:
             self.tracker.close()
 
 
-class _CallFinder:
-    """Hooks on the modules between the enclosing module and the K/V producers.
-
-    In a forward with grad the pre-hook marks the module's input tensors with the open call;
-    when activation checkpointing re-runs the module in backward, the pre-hook resumes the call
-    its inputs were marked with and the forward hook closes it again.
-    """
-
-    def __init__(self, tracker: CallTracker, opening: bool) -> None:
-        self.tracker, self.opening = tracker, opening
-
-    def __call__(self, mod: nn.Module, args: tuple, kwargs: dict, *output) -> None:
-        if not self.opening:
-            self.tracker.release(mod)
-        elif self.tracker.has_open_call():
-            self.tracker.mark(args, kwargs)
-        else:
-            self.tracker.resume(mod, args, kwargs)
-
-
 def _enclosing_module(model: nn.Module, sites: list[AttentionSite]) -> nn.Module:
     """Deepest module that is called once per forward and contains every attention layer."""
     paths = [s.key.module.split(".") for s in sites] + [s.value.module.split(".") for s in sites]
@@ -273,33 +252,6 @@ def _install(model: nn.Module, state: LimeState) -> None:
     tracker.where = type(enclosing).__name__
     state.handles.append(enclosing.register_forward_pre_hook(_CallBoundary(tracker, True)))
     state.handles.append(enclosing.register_forward_hook(_CallBoundary(tracker, False), always_call=True))
-    for module in _between(model, enclosing, sites):
-        state.handles.append(module.register_forward_pre_hook(_CallFinder(tracker, True), with_kwargs=True))
-        state.handles.append(
-            module.register_forward_hook(_CallFinder(tracker, False), with_kwargs=True, always_call=True)
-        )
-
-
-def _between(model: nn.Module, enclosing: nn.Module, sites: list[AttentionSite]) -> list[nn.Module]:
-    """The called modules strictly inside ``enclosing`` on the way to each K/V producer.
-
-    Activation checkpointing re-runs some unit among them: a decoder layer called as a module
-    (``checkpoint(layer, hidden)``, ``checkpoint_wrapper``), or only a layer's forward body
-    (transformers' ``GradientCheckpointingLayer``), whose module calls the attention module
-    with the same per-call tensors (masks, rotary cos/sin) as in the forward. The producers
-    themselves mark and read their own inputs in their hook.
-    """
-    top = next(name for name, m in model.named_modules(remove_duplicate=False) if m is enclosing)
-    depth = len(top.split(".")) if top else 0
-    paths = {s.key.module for s in sites} | {s.value.module for s in sites}
-    found: dict[int, nn.Module] = {}
-    for path in paths:
-        parts = path.split(".")
-        for i in range(depth + 1, len(parts)):
-            module = model.get_submodule(".".join(parts[:i]))
-            if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-                found[id(module)] = module
-    return list(found.values())
 
 
 def _bind_producers(model: nn.Module, state: LimeState) -> None:
