@@ -51,8 +51,10 @@ MARK = "_lime_calls"
 class ValueCache:
     """Per-call state of one stack: raw K/V buffers by role, router memo, traced slots.
 
-    ``grad`` says whether the call started with grad enabled, which picks the buffer layout;
-    ``scratch`` (calls without grad only) is the thread's pool of reusable small buffers.
+    ``tracker`` is the :class:`CallTracker` that opened it (``None`` for a cache driven by hand,
+    e.g. to time the mixing functions alone); ``grad`` says whether the call started with grad
+    enabled, which picks the buffer layout; ``scratch`` (calls without grad only) is the
+    thread's pool of reusable small buffers.
     """
 
     __slots__ = ("tracker", "num_layers", "grad", "scratch", "buffers", "memo", "traced", "__weakref__")

@@ -268,8 +268,6 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 8) -
     name = getattr(model, "main_input_name", None)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     kwargs: dict = {}
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False
     if config is not None and name == "input_ids" and getattr(config, "vocab_size", None):
         ids = torch.arange(seq_len, device=device).remainder(config.vocab_size).repeat(batch, 1)
         return (ids,), kwargs
@@ -300,6 +298,9 @@ def normalize_inputs(example_inputs: Any) -> Inputs:
 def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[AttentionSite]:
     """Find every attention site of ``model`` by tracing it once on a small input."""
     args, kwargs = normalize_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        # A KV cache in the outputs is nothing discovery needs, and export cannot return one.
+        kwargs.setdefault("use_cache", False)
     was_training = model.training
     model.eval()
     try:

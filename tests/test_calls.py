@@ -148,11 +148,6 @@ def _check_reference_is_meaningful(model, kind, grads):
     assert grads[LAYER0_K[kind]].abs().sum() > 0
 
 
-def _assert_helpful(err):
-    msg = str(err).lower()
-    assert len(msg) > 60 and any(w in msg for w in ("forward", "call", "backward")), f"unhelpful LimeError: {err}"
-
-
 def _eval_logits(model, x):
     was = model.training
     model.eval()

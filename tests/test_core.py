@@ -275,6 +275,13 @@ def test_value_cache_does_not_outlive_a_forward():
         boom.remove()
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_plain_tensor_example_inputs_find_the_same_sites(name):
+    """A bare input_ids tensor works for causal LMs: discovery asks for no KV cache itself."""
+    model = BUILDERS[name]()
+    assert limeify.discover_sites(model, example_inputs=example_for(name)[:1]) == limeify.discover_sites(model)
+
+
 def test_nanogpt_user_module_is_traced_with_fx():
     from conftest import make_nano
 
