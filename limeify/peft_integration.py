@@ -17,6 +17,7 @@ always call PEFT's wrapper and never a stale frozen copy.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -62,6 +63,7 @@ def get_lime_peft_model(
     else:
         saved = list(getattr(peft_config, "modules_to_save", None) or [])
         if ROUTER_ATTR not in saved:
+            peft_config = copy.deepcopy(peft_config)  # the caller's config stays as it was
             peft_config.modules_to_save = saved + [ROUTER_ATTR]
     with warnings.catch_warnings():
         # LN tuning works with any module type; PEFT warns about every non-norm layer it wraps.

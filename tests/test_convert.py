@@ -31,6 +31,13 @@ def src(tmp_path):
     return path
 
 
+def test_python_dash_m_runs_the_cli(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "limeify", "sites", str(tmp_path / "missing")], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2 and run.stderr.startswith("limeify: error:"), run.stderr
+    assert "Traceback" not in run.stderr
+
+
 def test_convert_cli_roundtrip(src, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 

@@ -141,6 +141,13 @@ def test_lime_with_lora_mixes_after_lora_and_reloads(tmp_path):
     assert torch.equal(_logits(reloaded, x), before)
 
 
+def test_get_lime_peft_model_leaves_the_callers_config_alone():
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    model = limeify.get_lime_peft_model(make_llama(), peft_config=lora)
+    assert lora.modules_to_save is None
+    assert any("lime_router" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_wrapping_after_limeify_without_rebind_raises():
     from peft import get_peft_model
 
