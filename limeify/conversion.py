@@ -41,6 +41,20 @@ def _source(src: str | os.PathLike) -> tuple[Path, dict]:
     raise LimeError(f"{src} is neither a transformers checkpoint directory (with config.json) nor a .gguf file")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (umask() sets it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def load_pretrained_base(src: str | os.PathLike, dtype: str = "float32") -> nn.Module:
     """Load a transformers checkpoint directory or GGUF file (no network access)."""
     from transformers import AutoConfig
@@ -96,6 +110,8 @@ def convert(
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.limeify-", dir=dst.parent))
+    # mkdtemp makes it private (0700); the output is an ordinary directory, so the umask decides.
+    tmp.chmod(0o777 & ~_umask())
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         base_state = {k: v for k, v in model.state_dict().items() if f".{ROUTER_ATTR}." not in k}

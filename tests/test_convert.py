@@ -54,6 +54,9 @@ def test_convert_cli_roundtrip(src, tmp_path, capsys):
     assert "max abs logit diff = 0" in run.stdout
     assert {"config.json", "model.safetensors", "lime_config.json", "lime_routers.safetensors"} <= set(os.listdir(dst))
     assert _checksums(src) == before
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary directory, not mkdtemp's 0700
 
     x = example_for("llama")
     base = LlamaForCausalLM.from_pretrained(src).eval()
