@@ -238,10 +238,10 @@ def _install(model: nn.Module, state: LimeState) -> None:
     owners = {site.layer: _resolve(model, site.attention, "attention module") for site in sites}
     if len(set(map(id, owners.values()))) != len(owners):
         raise LimeError("two attention sites share one attention module; pass distinct LimeConfig(sites=...)")
+    dtype = config.resolve_router_dtype(params.dtype if params is not None else torch.float32)
     for layer in state.router_layers:
         router: Router = mechanism(layer, sites[layer], config.init, **config.mechanism_kwargs)
-        if params is not None:
-            router.to(device=params.device, dtype=params.dtype)
+        router.to(device=params.device if params is not None else None, dtype=dtype)
         owners[layer].add_module(ROUTER_ATTR, router)
         state.router_owners[layer] = owners[layer]
 

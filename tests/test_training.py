@@ -262,11 +262,35 @@ def test_to_dtype_carries_routers(dtype):
 def test_identity_init_bf16_model_equals_base_exactly():
     base = make_llama(dtype=torch.bfloat16)
     model = _lime(copy.deepcopy(base))
-    assert all(w.dtype == torch.bfloat16 for w in limeify.router_parameters(model))
+    assert all(w.dtype == torch.float32 for w in limeify.router_parameters(model))  # float32 masters
     x = example_for("llama")
     ref, out = _logits(base, x), _logits(model, x)
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("router_dtype", [None, "bfloat16"])
+def test_bf16_model_router_training_moves_identity_entries_with_float32_routers(router_dtype):
+    """One AdamW step at lr 3e-3 moves every entry by ~lr. Float32 routers (the default in a
+    bf16 model) keep that move on the identity entries; in bf16 an upward step rounds back to 1.0
+    (the next bf16 number above 1 is 1.0078), so some identity entries stay put."""
+    model = _lime(make_llama(dtype=torch.bfloat16), router_dtype=router_dtype).train()
+    limeify.mark_only_routers_trainable(model, verbose=False)
+    ws = limeify.router_parameters(model)
+    eye = [w.detach().clone() == 1 for w in ws]
+    opt = torch.optim.AdamW(limeify.router_param_groups(model, router_lr=3e-3))
+    x = example_for("llama")
+    model(x, labels=x).loss.backward()
+    opt.step()
+    moved = torch.cat([(w.detach()[e] != 1) for w, e in zip(ws, eye)])
+    assert all(w.dtype == (torch.float32 if router_dtype is None else torch.bfloat16) for w in ws)
+    if router_dtype is None:
+        assert moved.all()
+        # the step is what AdamW does in float32 on these gradients: ~lr away from 1
+        step = torch.cat([(w.detach()[e] - 1).abs() for w, e in zip(ws, eye)])
+        assert ((step > 2e-3) & (step < 4e-3)).all()
+    else:
+        assert not moved.all()
 
 
 # --- torch.compile ------------------------------------------------------------------------
