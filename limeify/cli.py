@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser(
         "convert",
@@ -126,8 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except LimeError as exc:
-        print(f"limeify: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("limeify: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        if isinstance(exc, LimeError):
+            message = str(exc)
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            message = f"{type(exc).__name__}: {first} (run `limeify --debug {args.command} ...` for the traceback)"
+        print(f"limeify: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -38,6 +38,20 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_cli_failures_print_one_line_unless_debug(monkeypatch, capsys):
+    from limeify import cli
+
+    def broken(args):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    monkeypatch.setattr(cli, "_sites", broken)
+    assert cli.main(["sites", "anything"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("limeify: error: RuntimeError: disk on fire") and err.count("\n") == 1, err
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.main(["--debug", "sites", "anything"])
+
+
 def test_convert_cli_roundtrip(src, tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
