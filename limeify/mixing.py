@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from .buffers import SourceBuffer
 from .calls import ValueCache
 from .errors import LimeError
 
@@ -71,14 +72,21 @@ class _Record(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _save_sources(ctx, weights: torch.Tensor, raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: int) -> SourceBuffer:
+    """Write ``raw`` into its slot; save only ``weights`` and the shared buffer for backward."""
+    buf = cache.write(role, layer, raw, heads, saved=True)
+    ctx.save_for_backward(weights, buf.tensor)
+    # The cache too (see _Record), so recomputation in backward can still find it.
+    ctx.cache, ctx.buf, ctx.layer = cache, buf, layer
+    return buf
+
+
 class _StaticMix(torch.autograd.Function):
     """``out = W @ sources[:(l+1)G]`` per token, saving only the shared buffer."""
 
     @staticmethod
     def forward(ctx, weight, raw, cache, role, layer):
-        buf = cache.write(role, layer, raw, weight.shape[0], saved=True)
-        ctx.save_for_backward(weight, buf.tensor)
-        ctx.cache, ctx.buf, ctx.layer = cache, buf, layer
+        buf = _save_sources(ctx, weight, raw, cache, role, layer, weight.shape[0])
         return _mix_heads(weight, buf.prefix(layer)).view(raw.shape)
 
     @staticmethod
@@ -117,9 +125,7 @@ class _TokenMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, coef, raw, cache, role, layer):
-        buf = cache.write(role, layer, raw, coef.shape[-2], saved=True)
-        ctx.save_for_backward(coef, buf.tensor)
-        ctx.cache, ctx.buf, ctx.layer = cache, buf, layer
+        buf = _save_sources(ctx, coef, raw, cache, role, layer, coef.shape[-2])
         return _mix_tokens(coef, buf.prefix(layer)).reshape(raw.shape)
 
     @staticmethod

@@ -197,7 +197,6 @@ def test_several_forwards_found_through_input_marks(case, without_checkpoint_fra
     model = _perturb(limeify.limeify(make_bert().double())).train()
     terms = [lambda m, x=_ids(*spec): m(x).last_hidden_state.square().mean() for spec in FORWARDS[case]]
     expected = _reference_grads(model, terms)
-    assert all(w.grad is None for w in limeify.router_parameters(model))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     _assert_close(_joint_grads(model, terms), expected, f"bert {case} through input marks")
 
