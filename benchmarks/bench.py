@@ -258,7 +258,7 @@ def sites_for(arch: Arch, layers: int, device, dtype):
     sites = [two[0]]
     for i in range(1, layers):
         sites.append(dataclasses.replace(
-            t, layer=i, attention=at(t.attention, i),
+            t, layer=i, depth=i, attention=at(t.attention, i),
             key=dataclasses.replace(t.key, module=at(t.key.module, i)),
             value=dataclasses.replace(t.value, module=at(t.value.module, i))))
     return sites[:layers]
@@ -393,7 +393,7 @@ def mixing_flops(model, tokens: int) -> int:
     total = 0
     for layer in limeify.routers(model):
         site = sites[layer]
-        n = (layer + 1) * site.num_kv_heads
+        n = (site.position + 1) * site.num_kv_heads
         total += 2 * tokens * site.num_kv_heads * n * (site.head_dim + site.v_head_dim)
     return total
 

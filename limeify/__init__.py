@@ -13,7 +13,7 @@ from .mixing import record, static_mix, token_mix
 from .routers import Router, available_mechanisms, register_mechanism
 from .sites import AttentionSite, KVSource
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttentionSite",

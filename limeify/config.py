@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import LimeError
-from .sites import AttentionSite
+from .sites import AttentionSite, stacks_of
 
 INITS = ("identity", "paper")
 
@@ -24,8 +24,11 @@ class LimeConfig:
         init: ``"identity"`` (current layer identity, zero elsewhere; the limeified model
             computes exactly what the base model did) or ``"paper"`` (the official
             from-scratch init: identity on the current block, ``U(-b, b)`` elsewhere).
-        layers: attention layers that get a router (default: all but the first). Every
-            layer still contributes its raw K/V as a source for later layers.
+        layers: attention layers that get a router (default: all but the first of each stack).
+            Every layer still contributes its raw K/V as a source for later layers of its stack.
+            A list of ints names depths in a model with one stack; in a model with several
+            stacks (an encoder and a decoder, two towers), a dict ``{stack: depths}`` says which
+            stack each list means (``limeify.describe`` prints the stacks' names).
         sites: explicit attention sites for models discovery cannot analyse.
         mechanism_kwargs: extra options for the chosen mechanism.
         router_dtype: dtype of the routers' parameters, e.g. ``"float32"``. Default: float32 in
@@ -36,7 +39,7 @@ class LimeConfig:
 
     mechanism: str = "static"
     init: str = "identity"
-    layers: Sequence[int] | None = None
+    layers: Sequence[int] | dict[str, Sequence[int]] | None = None
     sites: Sequence[AttentionSite] | None = None
     mechanism_kwargs: dict[str, Any] = field(default_factory=dict)
     router_dtype: str | None = None
@@ -50,7 +53,9 @@ class LimeConfig:
             )
         if self.init not in INITS:
             raise LimeError(f"unknown init {self.init!r}; expected one of {list(INITS)}")
-        if self.layers is not None:
+        if isinstance(self.layers, dict):
+            self.layers = {str(k): sorted({int(d) for d in v}) for k, v in self.layers.items()}
+        elif self.layers is not None:
             self.layers = sorted({int(layer) for layer in self.layers})
         if self.router_dtype is not None and not isinstance(getattr(torch, str(self.router_dtype), None), torch.dtype):
             raise LimeError(f"unknown router_dtype {self.router_dtype!r}; expected a torch dtype name such as 'float32'")
@@ -62,21 +67,41 @@ class LimeConfig:
             return getattr(torch, self.router_dtype)
         return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
 
-    def router_layers(self, num_layers: int) -> list[int]:
-        layers = list(range(1, num_layers)) if self.layers is None else list(self.layers)
-        bad = [layer for layer in layers if not 1 <= layer < num_layers]
-        if bad:
-            raise LimeError(
-                f"LimeConfig.layers={bad} out of range: a model with {num_layers} attention "
-                f"layers can have routers on layers 1..{num_layers - 1} (layer 0 has no earlier layer)"
-            )
-        return layers
+    def router_layers(self, sites: Sequence[AttentionSite]) -> list[int]:
+        """The sites (by ``site.layer``) that get a router."""
+        stacks = stacks_of(list(sites))
+        wanted = self.layers
+        if wanted is None:
+            wanted = {name: range(1, len(group)) for name, group in stacks.items()}
+        elif not isinstance(wanted, dict):
+            if len(stacks) != 1:
+                raise LimeError(
+                    f"LimeConfig.layers={wanted} is ambiguous: the model has {len(stacks)} stacks "
+                    f"({', '.join(map(repr, stacks))}); say which stack each depth belongs to with "
+                    "layers={stack: [depths]}"
+                )
+            wanted = {next(iter(stacks)): wanted}
+        unknown = sorted(set(wanted) - set(stacks))
+        if unknown:
+            raise LimeError(f"LimeConfig.layers names unknown stacks {unknown}; the model's stacks are {sorted(stacks)}")
+        layers = []
+        for name, depths in wanted.items():
+            group = stacks[name]
+            bad = [d for d in depths if not 1 <= d < len(group)]
+            if bad:
+                raise LimeError(
+                    f"LimeConfig.layers: depths {bad} out of range for stack {name or '(model)'!r} of "
+                    f"{len(group)} attention layers; routers go on depths 1..{len(group) - 1} (depth 0 "
+                    "has no earlier layer)"
+                )
+            layers += [group[d].layer for d in depths]
+        return sorted(layers)
 
     def to_dict(self) -> dict:
         return {
             "mechanism": self.mechanism,
             "init": self.init,
-            "layers": None if self.layers is None else list(self.layers),
+            "layers": None if self.layers is None else (dict(self.layers) if isinstance(self.layers, dict) else list(self.layers)),
             "sites": None if self.sites is None else [s.to_dict() for s in self.sites],
             "mechanism_kwargs": dict(self.mechanism_kwargs),
             "router_dtype": self.router_dtype,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
 
 import torch
@@ -194,7 +194,7 @@ def _producer(g: _Graph, start: fx.Node, attention_paths: tuple[str, ...], role:
             break
         common.append(items[0])
     path = ".".join(common)
-    if not path or path in attention_paths:
+    if not path or path in attention_paths or path not in g.module_output:
         raise LimeError(
             f"attention op #{index}: its {role} input comes from several projections "
             f"({sorted(projections)}) with no separate module producing {role}; wrap the "
@@ -262,25 +262,68 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Graph:
     return _Graph(gm, flat, "export")
 
 
+def _param_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
+def _image_token_count(model: nn.Module, pixels: torch.Tensor) -> int:
+    """How many image tokens one image becomes in a VLM's text, from its own feature function."""
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixels)
+    feats = getattr(out, "pooler_output", None) if not isinstance(out, (torch.Tensor, list, tuple)) else out
+    feats = feats if feats is not None else getattr(out, "last_hidden_state", out)
+    if isinstance(feats, (list, tuple)):
+        feats = feats[0]
+    return feats.numel() // feats.shape[-1] // pixels.shape[0] if feats.dim() == 3 else feats.numel() // feats.shape[-1]
+
+
 def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 8) -> Inputs:
-    """A tiny input built from a transformers model's config (input ids or pixel values)."""
+    """A tiny input for every stack of a transformers model, built from its config.
+
+    Token ids for a text model, pixels for a vision tower, mel features for a speech encoder,
+    and all of them together where the model takes them: decoder ids of another length for an
+    encoder-decoder, pixels for a dual tower, and for a VLM ids that hold as many image tokens
+    as its ``get_image_features`` returns for one image.
+    """
     config = getattr(model, "config", None)
-    name = getattr(model, "main_input_name", None)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    params = inspect.signature(model.forward).parameters
+    device, dtype = _param_dtype(model)
     kwargs: dict = {}
-    if config is not None and name == "input_ids" and getattr(config, "vocab_size", None):
-        ids = torch.arange(seq_len, device=device).remainder(config.vocab_size).repeat(batch, 1)
-        return (ids,), kwargs
-    if config is not None and name == "pixel_values":
-        size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-        pixels = torch.randn(batch, getattr(config, "num_channels", 3), size, size, device=device)
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        return (pixels.to(dtype),), kwargs
-    raise LimeError(
-        f"cannot build an example input for {type(model).__name__} (no transformers config with "
-        "input_ids or pixel_values); pass limeify(model, config, example_inputs=(args, kwargs)) "
-        "or example_inputs=tensor"
-    )
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+        vision = getattr(config, "vision_config", None) or config
+        size = getattr(vision, "image_size", None)
+        if "pixel_values" in params and size is not None:
+            size = size if isinstance(size, int) else size[0]
+            pixels = torch.randn(batch, getattr(vision, "num_channels", 3), size, size, generator=torch.Generator().manual_seed(0))
+            kwargs["pixel_values"] = pixels.to(device=device, dtype=dtype)
+        bins = getattr(config, "num_mel_bins", None)
+        if "input_features" in params and bins:
+            # Speech encoders downsample their frames by 2 to at most max_source_positions.
+            frames = 2 * getattr(config, "max_source_positions", seq_len)
+            feats = torch.randn(batch, bins, frames, generator=torch.Generator().manual_seed(0))
+            kwargs["input_features"] = feats.to(device=device, dtype=dtype)
+        if "input_ids" in params and vocab:
+            ids = torch.arange(seq_len).remainder(vocab)
+            image_token = getattr(config, "image_token_id", None)
+            image_token = getattr(config, "image_token_index", None) if image_token is None else image_token
+            if image_token is not None and "pixel_values" in kwargs and hasattr(model, "get_image_features"):
+                ids = torch.where(ids == image_token, (image_token + 1) % vocab, ids)
+                count = _image_token_count(model, kwargs["pixel_values"][:1])
+                ids = torch.cat([torch.full((count,), image_token), ids])
+            kwargs["input_ids"] = ids.repeat(batch, 1).to(device)
+        if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and vocab:
+            # Another length than the encoder's, as in real use.
+            kwargs["decoder_input_ids"] = torch.arange(1, seq_len - 2).remainder(vocab).repeat(batch, 1).to(device)
+    if not kwargs:
+        raise LimeError(
+            f"cannot build an example input for {type(model).__name__} (no transformers config with "
+            "input_ids, pixel_values or input_features); pass limeify(model, config, "
+            "example_inputs=(args, kwargs)) or example_inputs=tensor"
+        )
+    return (), kwargs
 
 
 def normalize_inputs(example_inputs: Any) -> Inputs:
@@ -296,74 +339,240 @@ def normalize_inputs(example_inputs: Any) -> Inputs:
 
 
 def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[AttentionSite]:
-    """Find every attention site of ``model`` by tracing it once on a small input."""
+    """Find every attention site of ``model``, grouped into stacks, by tracing it once on a small input.
+
+    When the whole model does not export (e.g. a vision tower with data-dependent shapes), its
+    submodules are traced one at a time on the inputs they received in one eager run.
+    """
     args, kwargs = normalize_inputs(example_inputs) if example_inputs is not None else default_example_inputs(model)
-    if "use_cache" in inspect.signature(model.forward).parameters:
+    params = inspect.signature(model.forward).parameters
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if "use_cache" in params or (takes_kwargs and hasattr(text, "use_cache")):
         # A KV cache in the outputs is nothing discovery needs, and export cannot return one.
         kwargs.setdefault("use_cache", False)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            graph = _trace(model, args, kwargs)
-        attentions = _find_attention(graph)
-        if not attentions:
+            parts = _trace_parts(model, args, kwargs)
+        ops: list[AttentionSite | _Unresolved] = []
+        for prefix, graph in parts:
+            ops += [_prefixed(op, prefix) for op in _graph_ops(graph)]
+        if not ops:
+            kinds = "/".join(sorted({g.kind for _, g in parts}))
             raise LimeError(
-                f"found no attention in {type(model).__name__}: searched its {graph.kind} graph for "
+                f"found no attention in {type(model).__name__}: searched its {kinds} graph for "
                 "scaled_dot_product_attention and matmul->softmax->matmul; if it has attention "
                 "that is computed differently, pass LimeConfig(sites=[AttentionSite(...)])"
             )
-        producers = []
-        for i, att in enumerate(attentions):
-            att_paths = graph.module_paths.get(att.key, ())
-            k_path = _producer(graph, att.key, att_paths, "key", i)
-            v_path = _producer(graph, att.value, att_paths, "value", i)
-            producers.append((k_path, v_path))
-        leaves = {graph.module_output[p] for pair in producers for p in pair}
-        watch = {n for att in attentions for n in (att.query, att.key, att.value)}
-        probe = _Probe(graph.gm, leaves, watch)
-        with torch.enable_grad():
-            probe.run(*graph.run_args)
-            return _sites(graph, attentions, producers, probe.values)
+        return assign_stacks(model, ops)
     finally:
         model.train(was_training)
 
 
-def _sites(graph: _Graph, attentions: list[_Attention], producers: list[tuple[str, str]], values: dict) -> list[AttentionSite]:
-    sites, used = [], {}
-    for i, (att, (k_path, v_path)) in enumerate(zip(attentions, producers)):
-        k_leaf = values[graph.module_output[k_path]]
-        v_leaf = values[graph.module_output[v_path]]
-        ks, ke = _feature_slice(k_leaf, values[att.key], f"attention #{i} key")
-        vs, ve = _feature_slice(v_leaf, values[att.value], f"attention #{i} value")
-        q = values[att.query]
-        d, dv = q.shape[-1], values[att.value].shape[-1]
-        k_width = (ke - ks) if ks is not None else k_leaf.shape[-1]
-        v_width = (ve - vs) if vs is not None else v_leaf.shape[-1]
-        if k_width % d or v_width % dv or k_width // d != v_width // dv:
-            raise LimeError(
-                f"attention #{i}: K has {k_width} features and V {v_width}, not a whole number of "
-                f"heads of size {d}/{dv} each with equal head counts; pass LimeConfig(sites=...)"
-            )
-        for key in ((k_path, ks), (v_path, vs)):
-            if key in used and used[key] != i:
-                raise LimeError(f"the output {key[0]} feeds two attention ops (#{used[key]} and #{i}); not supported")
-            used[key] = i
-        parent = _common_parent(k_path, v_path)
-        sites.append(
-            AttentionSite(
-                layer=i,
-                attention=parent,
-                key=KVSource(k_path, ks, ke),
-                value=KVSource(v_path, vs, ve),
-                num_kv_heads=k_width // d,
-                head_dim=d,
-                value_head_dim=dv if dv != d else None,
-                num_heads=q.shape[-3] if q.dim() >= 3 else None,
-                hidden_size=_input_features(graph, k_path),
-            )
-        )
+@dataclass(frozen=True)
+class _Unresolved:
+    """An attention op whose K/V producers discovery could not name, and why."""
+
+    attention: str
+    error: LimeError
+
+
+def _graph_ops(graph: _Graph) -> list[AttentionSite | _Unresolved]:
+    """Each attention op of one graph, in forward order, as a site or the reason it is none."""
+    attentions = _find_attention(graph)
+    ops: list[AttentionSite | _Unresolved | None] = [None] * len(attentions)
+    producers = {}
+    for i, att in enumerate(attentions):
+        att_paths = graph.module_paths.get(att.key, ())
+        try:
+            producers[i] = (_producer(graph, att.key, att_paths, "key", i), _producer(graph, att.value, att_paths, "value", i))
+        except LimeError as exc:
+            ops[i] = _Unresolved(_op_path(graph, att), exc)
+    if producers:
+        leaves = {graph.module_output[p] for pair in producers.values() for p in pair}
+        watch = {n for i in producers for n in (attentions[i].query, attentions[i].key, attentions[i].value)}
+        probe = _Probe(graph.gm, leaves, watch)
+        with torch.enable_grad():
+            probe.run(*graph.run_args)
+            used: dict = {}
+            for i, (k_path, v_path) in producers.items():
+                try:
+                    ops[i] = _site(graph, i, attentions[i], k_path, v_path, probe.values, used)
+                except LimeError as exc:
+                    ops[i] = _Unresolved(_common_parent(k_path, v_path), exc)
+    return ops
+
+
+def _op_path(graph: _Graph, att: _Attention) -> str:
+    """The module an attention op runs in (export records it; a plain fx trace does not)."""
+    paths = graph.module_paths.get(att.value, ()) or graph.module_paths.get(att.key, ())
+    return paths[-1] if paths else ""
+
+
+def _prefixed(op: AttentionSite | _Unresolved, prefix: str) -> AttentionSite | _Unresolved:
+    if not prefix:
+        return op
+    join = lambda path: f"{prefix}.{path}" if path else prefix  # noqa: E731
+    if isinstance(op, _Unresolved):
+        return _Unresolved(join(op.attention), op.error)
+    return replace(op, attention=join(op.attention), key=replace(op.key, module=join(op.key.module)),
+                   value=replace(op.value, module=join(op.value.module)))
+
+
+def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, _Graph]]:
+    """The whole model's graph, or else graphs of the largest submodules that trace, in call order."""
+    try:
+        return [("", _trace(model, args, kwargs))]
+    except LimeError as whole:
+        try:
+            calls = _record_calls(model, args, kwargs)
+        except Exception:  # the model does not even run on these inputs: the trace error says more
+            raise whole from None
+    parts: list[tuple[int, str, _Graph]] = []
+
+    def visit(path: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if not any(p.dim() >= 2 for p in child.parameters()):
+                continue
+            if child_path in calls:
+                order, child_args, child_kwargs = calls[child_path]
+                try:
+                    parts.append((order, child_path, _trace(child, child_args, child_kwargs)))
+                    continue
+                except LimeError:
+                    pass
+            visit(child_path, child)
+
+    visit("", model)
+    if not parts:
+        raise whole
+    return [(path, graph) for _, path, graph in sorted(parts, key=lambda part: part[0])]
+
+
+def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[int, tuple, dict]]:
+    """Each submodule's first call in one eager run: its order and the (args, kwargs) it got."""
+    calls: dict[str, tuple[int, tuple, dict]] = {}
+    handles = []
+    for path, module in model.named_modules():
+        def note(mod, a, kw, path=path):
+            if path not in calls:
+                calls[path] = (len(calls), a, kw)
+        handles.append(module.register_forward_pre_hook(note, with_kwargs=True))
+    try:
+        model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def assign_stacks(model: nn.Module, ops: list) -> list[AttentionSite]:
+    """Group attention ops (in forward order) into stacks and number them; see :func:`stack_name`.
+
+    An op whose producers could not be named is dropped when it is alone in its stack (a
+    stack's first layer has no router, so LIMe does not change it), and otherwise raises.
+    """
+    names = stack_names(model, [op.attention for op in ops])
+    sizes: dict[str, int] = {}
+    for name in names:
+        sizes[name] = sizes.get(name, 0) + 1
+    sites, depth = [], {}
+    for op, name in zip(ops, names):
+        if isinstance(op, _Unresolved):
+            if sizes[name] == 1:
+                continue
+            raise LimeError(f"stack {name!r}, attention at {op.attention or 'the top level'}: {op.error}") from op.error
+        depth[name] = depth.get(name, -1) + 1
+        sites.append(replace(op, layer=len(sites), stack=name, depth=depth[name]))
     return sites
+
+
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def stack_names(model: nn.Module, paths: list[str]) -> list[str]:
+    """Name the stack of each attention module path (in forward order).
+
+    Layers of one stack are the entries of one layer container (``ModuleList``, ``Sequential``)
+    at the same path inside each entry: ``model.decoder.layers.*.self_attn`` and
+    ``model.decoder.layers.*.encoder_attn`` are two stacks (self- and cross-attention) of one
+    decoder, ``text_model.encoder.layers.*.self_attn`` another tower's. For each path the
+    deepest container that holds the same path in another entry wins. Attention modules in no
+    such container (a model whose few layers are plain attributes) form one stack when no
+    other stack lies among them, else a stack each.
+    """
+    candidates = [_container_patterns(model, path) for path in paths]
+    counts: dict[str, int] = {}
+    for patterns in candidates:
+        for pattern in set(patterns):
+            counts[pattern] = counts.get(pattern, 0) + 1
+    names = [next((p for p in patterns if counts[p] > 1), None) for patterns in candidates]
+    loose = [path for path, name in zip(paths, names) if name is None]
+    if loose:
+        common = _common_prefix([path.split(".") for path in loose])
+        grouped = [name for name in names if name is not None]
+        inside = any(not common or name.startswith(common + ".") for name in grouped)
+        names = [name if name is not None else (path if inside else common) for path, name in zip(paths, names)]
+    return names
+
+
+def _container_patterns(model: nn.Module, path: str) -> list[str]:
+    """``container.*.rest`` for each layer container on ``path``, deepest first."""
+    parts = path.split(".") if path else []
+    patterns = []
+    for i in range(len(parts)):
+        container = ".".join(parts[:i])
+        try:
+            module = model.get_submodule(container) if container else model
+        except AttributeError:
+            break
+        if isinstance(module, _CONTAINERS):
+            patterns.append(".".join(parts[:i] + ["*"] + parts[i + 1:]))
+    return patterns[::-1]
+
+
+def _common_prefix(paths: list[list[str]]) -> str:
+    common = []
+    for items in zip(*paths):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    return ".".join(common)
+
+
+def _site(graph: _Graph, i: int, att: _Attention, k_path: str, v_path: str, values: dict, used: dict) -> AttentionSite:
+    k_leaf = values[graph.module_output[k_path]]
+    v_leaf = values[graph.module_output[v_path]]
+    ks, ke = _feature_slice(k_leaf, values[att.key], f"attention #{i} key")
+    vs, ve = _feature_slice(v_leaf, values[att.value], f"attention #{i} value")
+    q = values[att.query]
+    d, dv = q.shape[-1], values[att.value].shape[-1]
+    k_width = (ke - ks) if ks is not None else k_leaf.shape[-1]
+    v_width = (ve - vs) if vs is not None else v_leaf.shape[-1]
+    if k_width % d or v_width % dv or k_width // d != v_width // dv:
+        raise LimeError(
+            f"attention #{i}: K has {k_width} features and V {v_width}, not a whole number of "
+            f"heads of size {d}/{dv} each with equal head counts; pass LimeConfig(sites=...)"
+        )
+    for key in ((k_path, ks), (v_path, vs)):
+        if key in used and used[key] != i:
+            raise LimeError(f"the output {key[0]} feeds two attention ops (#{used[key]} and #{i}); not supported")
+        used[key] = i
+    return AttentionSite(
+        layer=i,
+        attention=_common_parent(k_path, v_path),
+        key=KVSource(k_path, ks, ke),
+        value=KVSource(v_path, vs, ve),
+        num_kv_heads=k_width // d,
+        head_dim=d,
+        value_head_dim=dv if dv != d else None,
+        num_heads=q.shape[-3] if q.dim() >= 3 else None,
+        hidden_size=_input_features(graph, k_path),
+    )
 
 
 def _common_parent(k_path: str, v_path: str) -> str:

@@ -1,8 +1,9 @@
 """limeify(): install routers and value-cache hooks on a model in place; unlimeify() removes them.
 
 Hooks are registered once, at limeify time: on the modules that produce K and V, and on the
-module enclosing all attention layers, to open and close each call's value cache
-(limeify/calls.py). At call time a hook only writes raw K/V into the cache
+module enclosing each stack's attention layers (an encoder, a decoder, a tower), to open and
+close the value cache of each call of that stack (limeify/calls.py). Each stack has its own
+CallTracker, so a stack's layers only ever read K/V of their own stack and call. At call time a hook only writes raw K/V into the cache
 and calls the router it looks up on the attention module, never one captured in a closure:
 PEFT may swap the router for a wrapper.
 """
@@ -21,7 +22,7 @@ from .config import LimeConfig
 from .discovery import discover_sites
 from .errors import LimeError
 from .routers import MECHANISMS, ROUTER_ATTR, Router
-from .sites import AttentionSite, format_sites
+from .sites import AttentionSite, format_sites, stacks_of
 
 STATE_ATTR = "_lime_state"
 
@@ -30,6 +31,7 @@ STATE_ATTR = "_lime_state"
 class _Entry:
     role: str
     layer: int
+    depth: int
     start: int | None
     end: int | None
     heads: int
@@ -44,7 +46,7 @@ class LimeState:
         self.config = config
         self.sites = sites
         self.router_layers = router_layers
-        self.tracker = CallTracker(len(sites))
+        self.trackers = {name: CallTracker(len(group), name or "the model") for name, group in stacks_of(sites).items()}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.producer_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.router_owners: dict[int, nn.Module] = {}
@@ -126,7 +128,7 @@ class _ProducerHook:
                 "limeify.rebind(model) after wrapping (get_lime_peft_model does this for you)"
             )
         hidden = args[0] if args else None
-        cache = self.tracker.current(self.entries[0].layer, mod, args)
+        cache = self.tracker.current(self.entries[0].depth, mod, args)
         if self.whole:
             return self._mix(self.entries[0], output, hidden, cache)
         tail = output.shape[-1] - self.covered
@@ -140,7 +142,7 @@ class _ProducerHook:
     def _mix(self, e: _Entry, raw: torch.Tensor, hidden: torch.Tensor | None, cache: ValueCache) -> torch.Tensor:
         if e.routed:
             return e.attention._modules[ROUTER_ATTR](raw, cache, e.role, hidden)
-        return record(raw, cache, e.role, e.layer, e.heads)
+        return record(raw, cache, e.role, e.depth, e.heads)
 
 
 class _CallBoundary:
@@ -178,6 +180,13 @@ def _enclosing_module(model: nn.Module, sites: list[AttentionSite]) -> nn.Module
 def _validate_sites(model: nn.Module, sites: list[AttentionSite]) -> None:
     if not sites:
         raise LimeError("LimeConfig.sites is empty; give at least one AttentionSite or leave it None")
+    for name, group in stacks_of(sites).items():
+        for depth, site in enumerate(group):
+            if site.position != depth:
+                raise LimeError(
+                    f"stack {name or '(model)'!r}: its sites must be in forward order with depth 0, 1, ...; "
+                    f"site {site.layer} says depth {site.position} where {depth} was expected"
+                )
     for i, site in enumerate(sites):
         if site.layer != i:
             raise LimeError(f"sites must be in forward order with layer == position; site #{i} says layer {site.layer}")
@@ -215,7 +224,7 @@ def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: 
         raise LimeError("model is already limeified; call limeify.unlimeify(model) first to start over")
     sites = list(config.sites) if config.sites is not None else discover_sites(model, example_inputs)
     _validate_sites(model, sites)
-    router_layers = config.router_layers(len(sites))
+    router_layers = config.router_layers(sites)
     for site in sites:
         owner = _resolve(model, site.attention, "attention module")
         if ROUTER_ATTR in owner._modules:
@@ -240,35 +249,40 @@ def _install(model: nn.Module, state: LimeState) -> None:
         raise LimeError("two attention sites share one attention module; pass distinct LimeConfig(sites=...)")
     dtype = config.resolve_router_dtype(params.dtype if params is not None else torch.float32)
     for layer in state.router_layers:
-        router: Router = mechanism(layer, sites[layer], config.init, **config.mechanism_kwargs)
+        router: Router = mechanism(sites[layer].position, sites[layer], config.init, **config.mechanism_kwargs)
         router.to(device=params.device if params is not None else None, dtype=dtype)
         owners[layer].add_module(ROUTER_ATTR, router)
         state.router_owners[layer] = owners[layer]
 
     _bind_producers(model, state)
 
-    enclosing = _enclosing_module(model, sites)
-    tracker = state.tracker
-    tracker.where = type(enclosing).__name__
-    state.handles.append(enclosing.register_forward_pre_hook(_CallBoundary(tracker, True)))
-    state.handles.append(enclosing.register_forward_hook(_CallBoundary(tracker, False), always_call=True))
+    for name, group in stacks_of(sites).items():
+        enclosing = _enclosing_module(model, group)
+        tracker = state.trackers[name]
+        tracker.where = f"{type(enclosing).__name__} (stack {name})" if name else type(enclosing).__name__
+        state.handles.append(enclosing.register_forward_pre_hook(_CallBoundary(tracker, True)))
+        state.handles.append(enclosing.register_forward_hook(_CallBoundary(tracker, False), always_call=True))
 
 
 def _bind_producers(model: nn.Module, state: LimeState) -> None:
     """Hook whatever module now sits at each producer path (a PEFT wrapper after get_peft_model)."""
     routed = set(state.router_layers)
     by_module: dict[str, list[_Entry]] = {}
+    stack_of: dict[str, set[str]] = {}
     for site in state.sites:
         owner = _resolve(model, site.attention, "attention module")
         for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
-            entry = _Entry(role, site.layer, src.start, src.end, site.num_kv_heads, owner, site.layer in routed)
+            entry = _Entry(role, site.layer, site.position, src.start, src.end, site.num_kv_heads, owner, site.layer in routed)
             by_module.setdefault(src.module, []).append(entry)
+            stack_of.setdefault(src.module, set()).add(site.stack)
     for path, entries in by_module.items():
         if any(e.start is None for e in entries) and len(entries) > 1:
             raise LimeError(f"{path} is both K and V of a site with no slices; give K and V slices in LimeConfig(sites=...)")
+        if len(stack_of[path]) > 1:
+            raise LimeError(f"{path} produces K/V for two stacks ({sorted(stack_of[path])}); give each stack its own producers")
         module = _resolve(model, path, "K/V producer")
         parent, name = _parent_and_name(model, path)
-        hook = _ProducerHook(state.tracker, entries, parent, name, module)
+        hook = _ProducerHook(state.trackers[next(iter(stack_of[path]))], entries, parent, name, module)
         state.producer_handles.append(module.register_forward_hook(hook))
 
 
@@ -333,5 +347,6 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def describe(model: nn.Module) -> str:
+    """The mechanism, which layers have routers, and the attention sites grouped by stack."""
     state = lime_state(model)
     return f"mechanism={state.config.mechanism}, routers on layers {state.router_layers}\n" + format_sites(state.sites)

@@ -16,20 +16,21 @@ from .discovery import discover_sites
 from .errors import LimeError
 from .injection import is_limeified, lime_state, limeify, routers, unlimeify
 from .routers import MECHANISMS
-from .sites import AttentionSite
+from .sites import AttentionSite, stacks_of
 
 CONFIG_NAME = "lime_config.json"
 WEIGHTS_NAME = "lime_routers.safetensors"
 
 
 def fingerprint(sites: list[AttentionSite]) -> dict:
-    """What a router adapter depends on: depth and, per layer, heads and head sizes."""
+    """What a router adapter depends on: its stacks' depths and, per layer, heads and head sizes."""
     def one(values):
         values = list(values)
         return values[0] if len(set(values)) == 1 else values
 
     return {
         "layers": len(sites),
+        "stacks": {name: len(group) for name, group in stacks_of(sites).items()},
         "num_heads": one(s.num_heads for s in sites),
         "num_kv_heads": one(s.num_kv_heads for s in sites),
         "head_dim": one(s.head_dim for s in sites),
@@ -89,8 +90,8 @@ def read_lime(directory: str | os.PathLike) -> tuple[LimeConfig, dict, dict[str,
 def _expected_shapes(config: LimeConfig, sites: list[AttentionSite]) -> dict[str, tuple]:
     mechanism = MECHANISMS[config.mechanism]
     shapes = {}
-    for layer in config.router_layers(len(sites)):
-        router = mechanism(layer, sites[layer], config.init, **config.mechanism_kwargs)
+    for layer in config.router_layers(sites):
+        router = mechanism(sites[layer].position, sites[layer], config.init, **config.mechanism_kwargs)
         for name, t in router.state_dict().items():
             shapes[f"routers.{layer}.{name}"] = tuple(t.shape)
     return shapes
@@ -109,6 +110,13 @@ def _check_depth(model: nn.Module, sites: list[AttentionSite], directory) -> Non
             f"the adapter in {directory} was saved for {len(sites)} attention layers but the model has "
             f"{found} {kind.__name__} modules; load it with verify_sites=True to check the model properly"
         )
+
+
+def meta_version(directory: str | os.PathLike) -> str:
+    try:
+        return json.loads((Path(directory) / CONFIG_NAME).read_text()).get("limeify_version", "< 0.2")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "< 0.2"
 
 
 def load_lime(
@@ -133,6 +141,16 @@ def load_lime(
         sites = list(config.sites)
         _check_depth(model, sites, directory)
     found = fingerprint(sites)
+    if "stacks" not in expected:
+        # Written before limeify knew stacks (0.1): it treated every model as one stack.
+        if len(found["stacks"]) > 1:
+            raise LimeError(
+                f"the adapter in {directory} was saved by limeify {meta_version(directory)}, which treated "
+                f"this model's {len(found['stacks'])} stacks ({', '.join(found['stacks'])}) as one and mixed "
+                "K/V across them; its routers have no faithful equivalent. Load it with that version, or "
+                "retrain the routers with this one"
+            )
+        found.pop("stacks")
     if found != expected:
         diffs = ", ".join(f"{k}: expected {expected.get(k)} found {found.get(k)}" for k in found if found[k] != expected.get(k))
         raise LimeError(f"the adapter in {directory} was saved for another model ({diffs})")

@@ -27,9 +27,13 @@ class KVSource:
 class AttentionSite:
     """One attention layer as limeify sees it.
 
-    ``layer`` is the 0-based position in the forward pass; ``attention`` is the module the
-    router is registered on (the closest common parent of the K and V producers). The raw
-    K (and V) output of ``key`` (``value``) is laid out as ``[..., num_kv_heads, head_dim]``.
+    ``layer`` is the 0-based position among all of the model's attention sites in forward order
+    (the site's name in ``routers(model)`` and saved adapters); ``stack`` names the stack the
+    site belongs to and ``depth`` is its position in that stack: a site mixes the raw K/V of
+    the sites of depths ``0..depth`` of its own stack only. ``stack=""`` with ``depth=None`` is
+    a model with one stack, where ``depth == layer``. ``attention`` is the module the router is
+    registered on (the closest common parent of the K and V producers). The raw K (and V)
+    output of ``key`` (``value``) is laid out as ``[..., num_kv_heads, head_dim]``.
     """
 
     layer: int
@@ -41,6 +45,13 @@ class AttentionSite:
     value_head_dim: int | None = None
     num_heads: int | None = None
     hidden_size: int | None = None
+    stack: str = ""
+    depth: int | None = None
+
+    @property
+    def position(self) -> int:
+        """Depth in the site's stack: the index of its slot in the stack's value cache."""
+        return self.layer if self.depth is None else self.depth
 
     @property
     def v_head_dim(self) -> int:
@@ -48,8 +59,9 @@ class AttentionSite:
 
     def __str__(self) -> str:
         heads = f"{self.num_heads} query heads, " if self.num_heads else ""
+        where = f" (depth {self.depth})" if self.depth is not None and self.depth != self.layer else ""
         return (
-            f"layer {self.layer}: {self.attention} (K={self.key}, V={self.value}; "
+            f"layer {self.layer}{where}: {self.attention} (K={self.key}, V={self.value}; "
             f"{heads}{self.num_kv_heads} KV heads x {self.head_dim})"
         )
 
@@ -64,5 +76,20 @@ class AttentionSite:
         return cls(**data)
 
 
+def stacks_of(sites: list[AttentionSite]) -> dict[str, list[AttentionSite]]:
+    """Sites grouped by stack, stacks in the order their first site runs."""
+    groups: dict[str, list[AttentionSite]] = {}
+    for site in sites:
+        groups.setdefault(site.stack, []).append(site)
+    return groups
+
+
 def format_sites(sites: list[AttentionSite]) -> str:
-    return "\n".join(str(s) for s in sites)
+    groups = stacks_of(sites)
+    if len(groups) == 1 and "" in groups:
+        return "\n".join(str(s) for s in sites)
+    lines = []
+    for name, group in groups.items():
+        lines.append(f"stack {name or '(model)'}: {len(group)} layers")
+        lines += [f"  {s}" for s in group]
+    return "\n".join(lines)
