@@ -16,7 +16,9 @@ heads is the slice width over the head size, taken before any GQA repetition.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import operator
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable
@@ -250,7 +252,9 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Graph:
     except Exception:  # fx cannot trace most transformers models; export handles them
         pass
     try:
-        ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
+        # On data-dependent shapes torch prints the partial graph to stderr; the error says enough.
+        with contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:
         raise LimeError(
             f"could not trace {type(model).__name__} with torch.fx or torch.export ({type(exc).__name__}: "
@@ -317,6 +321,15 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 8) -
         if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params and vocab:
             # Another length than the encoder's, as in real use.
             kwargs["decoder_input_ids"] = torch.arange(1, seq_len - 2).remainder(vocab).repeat(batch, 1).to(device)
+    unbuilt = [name for name in ("pixel_values", "input_features") if name in params and name not in kwargs]
+    if kwargs and unbuilt and "input_ids" in kwargs:
+        # Tracing the text alone would leave the other towers without routers, silently.
+        raise LimeError(
+            f"cannot build {' or '.join(unbuilt)} for {type(model).__name__} from its config, so its "
+            "non-text stacks would not be traced; pass example_inputs= with every input its stacks take "
+            "(e.g. what its processor returns for one image and a short text), or limeify only the part "
+            "you use (e.g. its language model)"
+        )
     if not kwargs:
         raise LimeError(
             f"cannot build an example input for {type(model).__name__} (no transformers config with "

@@ -87,3 +87,26 @@ def make_paligemma():
                 num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=128, pad_token_id=0)
     cfg = PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=63, projection_dim=32)
     return PaliGemmaForConditionalGeneration(cfg).eval()
+
+
+def make_qwen2_vl():
+    """A VLM whose vision tower does not export (data-dependent splits): traced stack by stack."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, in_chans=3)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=150, video_token_id=151,
+                        vision_start_token_id=152)
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def qwen2_vl_inputs(text_len: int = 5, seed: int = 0) -> dict:
+    """One 8x8 image (16 patches of 2x2, one token each) and a short text, as its processor lays them out."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.tensor([[152]]), torch.full((1, 16), 150), torch.randint(0, 100, (1, text_len), generator=g)], 1)
+    return dict(input_ids=ids, pixel_values=torch.randn(16, 12, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]]),
+                mm_token_type_ids=(ids == 150).long())

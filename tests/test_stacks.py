@@ -422,3 +422,31 @@ def test_adapter_saved_before_stacks(built, tmp_path):
     with pytest.raises(LimeError, match="saved by limeify 0.1.0.*as one"):
         limeify.load_lime(fresh, old)
     assert not limeify.is_limeified(fresh)
+
+
+def test_model_that_does_not_export_whole_is_traced_stack_by_stack():
+    base = M.make_qwen2_vl()
+    kw = M.qwen2_vl_inputs()
+    with pytest.raises(LimeError, match="cannot build pixel_values"):  # not a text-only retrofit, silently
+        limeify.limeify(copy.deepcopy(base))
+    with pytest.raises(Exception), torch.no_grad():  # the whole model does not export ...
+        torch.export.export(base, (), kwargs={**kw, "use_cache": False}, strict=False)
+    model = limeify.limeify(copy.deepcopy(base), example_inputs=kw)  # ... so each stack is traced alone
+    stacks = stacks_of(limeify.attention_sites(model))
+    assert [(name, len(group)) for name, group in stacks.items()] == [
+        ("model.visual.blocks.*.attn", 2), ("model.language_model.layers.*.self_attn", 2)]
+    with torch.no_grad():
+        ref = base(**kw).logits
+        assert torch.equal(model(**kw).logits, ref)
+        for stack in stacks:
+            lime = _perturb(copy.deepcopy(model), stacks={stack})
+            assert not torch.allclose(lime(**kw).logits, ref, atol=1e-5), stack
+    # The vision tower's output does not depend on the text around the image tokens.
+    lime = _perturb(copy.deepcopy(model))
+    seen = []
+    handle = lime.model.visual.register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state) and None)
+    with torch.no_grad():
+        for seed in (0, 1):
+            lime(**M.qwen2_vl_inputs(seed=seed) | {"pixel_values": kw["pixel_values"]})
+    handle.remove()
+    assert len(seen) == 2 and torch.equal(seen[0], seen[1])
