@@ -23,13 +23,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _model_class(config) -> type:
     import transformers
+    from transformers.models.auto import modeling_auto
 
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
             return cls
-    return transformers.AutoModelForCausalLM if getattr(config, "is_decoder", False) or config.model_type in (
-        "llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gpt2", "phi3") else transformers.AutoModel
+    # No architecture recorded (e.g. a GGUF file): the head transformers' own auto tables pair with the type.
+    if config.model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForSeq2SeqLM
+    if getattr(config, "is_decoder", False) or config.model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
 
 
 def _source(src: str | os.PathLike) -> tuple[Path, dict]:

@@ -11,7 +11,9 @@ from torch import nn
 
 from . import analysis
 from .injection import is_limeified, lime_state, limeify, routers, unlimeify
+from .errors import LimeError
 from .routers import DynamicRouter
+from .sites import stacks_of
 
 DEFAULT_PROBE_WORDS = ("is", "are", "was", "were")
 
@@ -78,11 +80,20 @@ def analyze(
     progress = progress or (lambda it, desc: tqdm(it, desc=desc))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not is_limeified(model):
+    ours = not is_limeified(model)
+    if ours:
         limeify(model)
     model.eval()
-    base = unlimeify(copy.deepcopy(model))
     state = lime_state(model)
+    stacks = stacks_of(state.sites)
+    if len(stacks) > 1:
+        if ours:
+            unlimeify(model)
+        raise LimeError(
+            f"analyze reads a language model's hidden states on text, but this model has {len(stacks)} "
+            f"stacks ({', '.join(stacks)}); analyze its language model alone (e.g. limeify it separately)"
+        )
+    base = unlimeify(copy.deepcopy(model))
     chunks = _chunks(tokenizer, text, seq_len, max_chunks).to(next(model.parameters()).device)
 
     lime_h = _hidden_states(model, chunks, progress)

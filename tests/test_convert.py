@@ -147,3 +147,27 @@ def test_convert_real_smollm2(tmp_path, smollm2):
         ref = base(ids).logits
         out = lime(ids).logits
     assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_convert_encoder_decoder_keeps_its_stacks(tmp_path):
+    from transformers import BartForConditionalGeneration
+
+    from stack_models import make_bart
+
+    src, dst = tmp_path / "bart", tmp_path / "bart-lime"
+    make_bart().save_pretrained(src)
+    assert limeify.convert(src, dst, limeify.LimeConfig(init="paper"), verbose=False) > 0
+    lime = limeify.from_pretrained(dst)
+    stacks = [s.stack for s in limeify.attention_sites(lime)]
+    assert len(set(stacks)) == 3 and stacks.count("model.decoder.layers.*.encoder_attn") == 3
+    again = limeify.from_pretrained(dst, verify_sites=True)  # the saved sites are what discovery finds
+    assert limeify.attention_sites(again) == limeify.attention_sites(lime)
+    base = BartForConditionalGeneration.from_pretrained(src).eval()
+    ids, dec = torch.randint(3, 60, (2, 7)), torch.randint(3, 60, (2, 5))
+    with torch.no_grad():
+        # Paper init: the routers mix, so the converted model differs from its base ...
+        assert not torch.allclose(lime(input_ids=ids, decoder_input_ids=dec).logits,
+                                  base(input_ids=ids, decoder_input_ids=dec).logits, atol=1e-4)
+        # ... and equals the base limeified with the saved routers.
+        limeify.load_lime(base, dst)
+        assert torch.equal(lime(input_ids=ids, decoder_input_ids=dec).logits, base(input_ids=ids, decoder_input_ids=dec).logits)
