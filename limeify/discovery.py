@@ -484,7 +484,7 @@ def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tupl
 
 
 def assign_stacks(model: nn.Module, ops: list) -> list[AttentionSite]:
-    """Group attention ops (in forward order) into stacks and number them; see :func:`stack_name`.
+    """Group attention ops (in forward order) into stacks and number them; see :func:`stack_names`.
 
     An op whose producers could not be named is dropped when it is alone in its stack (a
     stack's first layer has no router, so LIMe does not change it), and otherwise raises.

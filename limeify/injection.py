@@ -3,9 +3,9 @@
 Hooks are registered once, at limeify time: on the modules that produce K and V, and on the
 module enclosing each stack's attention layers (an encoder, a decoder, a tower), to open and
 close the value cache of each call of that stack (limeify/calls.py). Each stack has its own
-CallTracker, so a stack's layers only ever read K/V of their own stack and call. At call time a hook only writes raw K/V into the cache
-and calls the router it looks up on the attention module, never one captured in a closure:
-PEFT may swap the router for a wrapper.
+CallTracker, so a stack's layers only ever read K/V of their own stack and call. At call time
+a hook only writes raw K/V into the cache and calls the router it looks up on the attention
+module, never one captured in a closure: PEFT may swap the router for a wrapper.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from torch import nn
 from .config import LimeConfig
 from .errors import LimeError
 from .injection import is_limeified, limeify, rebind
-from .persistence import CONFIG_NAME, save_lime_config
+from .discovery import discover_sites
+from .persistence import CONFIG_NAME, check_saved_stacks, save_lime_config
 from .routers import ROUTER_ATTR
 
 
@@ -37,6 +38,8 @@ def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "CAUSAL_LM"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "generate"):
+        return "SEQ_2_SEQ_LM"
     return None
 
 
@@ -84,9 +87,11 @@ def load_lime_peft(base: nn.Module, directory: str | os.PathLike, is_trainable: 
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise LimeError(f"missing {path}; save with limeify.save_lime_peft (or limeify the base yourself and use PeftModel.from_pretrained)")
-    config = LimeConfig.from_dict(json.loads(path.read_text())["config"])
-    config.sites = None
-    limeify(base, config, example_inputs=example_inputs)
+    meta = json.loads(path.read_text())
+    config = LimeConfig.from_dict(meta["config"])
+    config.sites = discover_sites(base, example_inputs)
+    check_saved_stacks(meta.get("fingerprint", {}), config.sites, directory)
+    limeify(base, config)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unsupported layer type")
         model = PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)

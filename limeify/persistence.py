@@ -112,6 +112,18 @@ def _check_depth(model: nn.Module, sites: list[AttentionSite], directory) -> Non
         )
 
 
+def check_saved_stacks(expected: dict, sites: list[AttentionSite], directory) -> None:
+    """An adapter written before limeify knew stacks (0.1) treated every model as one stack."""
+    stacks = stacks_of(sites)
+    if "stacks" not in expected and len(stacks) > 1:
+        raise LimeError(
+            f"the adapter in {directory} was saved by limeify {meta_version(directory)}, which treated "
+            f"this model's {len(stacks)} stacks ({', '.join(stacks)}) as one and mixed K/V across them; "
+            "its routers have no faithful equivalent. Load it with that version, or retrain the routers "
+            "with this one"
+        )
+
+
 def meta_version(directory: str | os.PathLike) -> str:
     try:
         return json.loads((Path(directory) / CONFIG_NAME).read_text()).get("limeify_version", "< 0.2")
@@ -141,15 +153,8 @@ def load_lime(
         sites = list(config.sites)
         _check_depth(model, sites, directory)
     found = fingerprint(sites)
+    check_saved_stacks(expected, sites, directory)
     if "stacks" not in expected:
-        # Written before limeify knew stacks (0.1): it treated every model as one stack.
-        if len(found["stacks"]) > 1:
-            raise LimeError(
-                f"the adapter in {directory} was saved by limeify {meta_version(directory)}, which treated "
-                f"this model's {len(found['stacks'])} stacks ({', '.join(found['stacks'])}) as one and mixed "
-                "K/V across them; its routers have no faithful equivalent. Load it with that version, or "
-                "retrain the routers with this one"
-            )
         found.pop("stacks")
     if found != expected:
         diffs = ", ".join(f"{k}: expected {expected.get(k)} found {found.get(k)}" for k in found if found[k] != expected.get(k))

@@ -474,3 +474,23 @@ def test_activation_checkpointing_gives_the_same_router_gradients(built, name):
     for layer in grads[0]:
         torch.testing.assert_close(grads[1][layer], grads[0][layer], rtol=1e-5, atol=1e-7)
         assert grads[0][layer].abs().sum() > 0
+
+
+def test_peft_lora_with_routers_round_trip_on_an_encoder_decoder(built, tmp_path):
+    from peft import LoraConfig
+
+    base, _ = built("bart")
+    kw = _seq2seq_inputs(base, False, seed=0)
+    model = limeify.get_lime_peft_model(copy.deepcopy(base),
+                                        peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="SEQ_2_SEQ_LM"))
+    _perturb(model)  # the active adapter's router copies
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        ref = model(**kw).logits
+        assert not torch.allclose(ref, base(**kw).logits, atol=1e-4)
+    limeify.save_lime_peft(model, tmp_path)
+    loaded = limeify.load_lime_peft(copy.deepcopy(base), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**kw).logits, ref)
