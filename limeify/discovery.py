@@ -439,11 +439,12 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     """The whole model's graph, or else graphs of the largest submodules that trace, in call order."""
     try:
         return [("", _trace(model, args, kwargs))]
-    except LimeError as whole:
-        try:
-            calls = _record_calls(model, args, kwargs)
-        except Exception:  # the model does not even run on these inputs: the trace error says more
-            raise whole from None
+    except LimeError as exc:
+        whole = exc
+    try:
+        calls = _record_calls(model, args, kwargs)
+    except Exception:  # the model does not even run on these inputs: the trace error says more
+        raise whole from None
     parts: list[tuple[int, str, _Graph]] = []
 
     def visit(path: str, module: nn.Module) -> None:
@@ -454,10 +455,13 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
             if child_path in calls:
                 order, child_args, child_kwargs = calls[child_path]
                 try:
-                    parts.append((order, child_path, _trace(child, child_args, child_kwargs)))
-                    continue
+                    graph = _trace(child, child_args, child_kwargs)
                 except LimeError:
-                    pass
+                    graph = None
+                if graph is not None:
+                    if _find_attention(graph):
+                        parts.append((order, child_path, graph))
+                    continue
             visit(child_path, child)
 
     visit("", model)

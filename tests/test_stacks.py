@@ -494,3 +494,51 @@ def test_peft_lora_with_routers_round_trip_on_an_encoder_decoder(built, tmp_path
     loaded = limeify.load_lime_peft(copy.deepcopy(base), tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**kw).logits, ref)
+
+
+class _TwoTowers(torch.nn.Module):
+    """A user's module with two stacks whose forward branches on data: neither fx nor export trace it whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from conftest import NanoBlock
+
+        torch.manual_seed(0)
+        self.left = torch.nn.ModuleList([NanoBlock(32, 4) for _ in range(2)])
+        self.right = torch.nn.ModuleList([NanoBlock(32, 4) for _ in range(3)])
+
+    def forward(self, x):
+        h = x
+        for block in self.left:
+            h = block(h)
+        g = x if x.sum() > 0 else -x
+        for block in self.right:
+            g = block(g)
+        return h, g
+
+
+def test_user_module_that_does_not_trace_whole_is_traced_part_by_part():
+    base = _TwoTowers().eval()
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(0))
+    model = limeify.limeify(copy.deepcopy(base), example_inputs=x)
+    assert [(n, len(g)) for n, g in stacks_of(limeify.attention_sites(model)).items()] == [("left.*.attn", 2), ("right.*.attn", 3)]
+    with torch.no_grad():
+        ref = base(x)
+        assert all(torch.equal(a, b) for a, b in zip(model(x), ref))
+        got = _perturb(copy.deepcopy(model), stacks={"right.*.attn"})(x)
+    assert torch.equal(got[0], ref[0]) and not torch.allclose(got[1], ref[1], atol=1e-5)
+
+
+def test_nothing_traceable_raises_the_trace_error():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(x) if x.sum() > 0 else x
+
+    model = Branchy()
+    with pytest.raises(LimeError, match="could not trace Branchy"):
+        limeify.limeify(model, example_inputs=torch.ones(2, 8))  # runs proj, which traces but has no attention
+    assert not limeify.is_limeified(model)
