@@ -49,13 +49,29 @@ class LimeState:
         self.trackers = {name: CallTracker(len(group), name or "the model") for name, group in stacks_of(sites).items()}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.producer_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.producer_hooks: dict[str, list[_ProducerHook]] = {}
         self.router_owners: dict[int, nn.Module] = {}
+        self.owner: nn.Module | None = None
+
+    def ensure_bound(self, stack: str) -> None:
+        """Re-hook the K/V producers if one was swapped out of the module tree since they were hooked.
+
+        PEFT replaces modules in place: get_peft_model wraps a projection in a LoRA layer,
+        merge_and_unload and unload put a plain layer back. The hooks must follow, or LIMe would
+        mix K/V before the LoRA update, or not at all. Checked at the start of each call of a
+        stack: one dict lookup per producer.
+        """
+        for hook in self.producer_hooks.get(stack, ()):
+            if hook.parent._modules.get(hook.name) is not hook.module:
+                _rebind_state(self)
+                return
 
     def remove(self) -> None:
         for handle in self.handles + self.producer_handles:
             handle.remove()
         self.handles.clear()
         self.producer_handles.clear()
+        self.producer_hooks.clear()
         for owner in self.router_owners.values():
             if ROUTER_ATTR in owner._modules:
                 del owner._modules[ROUTER_ATTR]
@@ -121,12 +137,6 @@ class _ProducerHook:
                 self.covered = e.end
 
     def __call__(self, mod: nn.Module, args: tuple, output: Any) -> torch.Tensor:
-        if self.parent._modules.get(self.name) is not self.module:
-            raise LimeError(
-                f"{self.name!r} was replaced after limeify (e.g. wrapped by get_peft_model with LoRA on "
-                "it), so LIMe would mix K/V before the wrapper's change; call "
-                "limeify.rebind(model) after wrapping (get_lime_peft_model does this for you)"
-            )
         hidden = args[0] if args else None
         cache = self.tracker.current(self.entries[0].depth, mod, args)
         if self.whole:
@@ -148,11 +158,12 @@ class _ProducerHook:
 class _CallBoundary:
     """Pre-hook opening and forward hook closing a call's value cache on the enclosing module."""
 
-    def __init__(self, tracker: CallTracker, opening: bool) -> None:
-        self.tracker, self.opening = tracker, opening
+    def __init__(self, state: LimeState, stack: str, opening: bool) -> None:
+        self.state, self.stack, self.tracker, self.opening = state, stack, state.trackers[stack], opening
 
     def __call__(self, mod: nn.Module, *args) -> None:
         if self.opening:
+            self.state.ensure_bound(self.stack)
             self.tracker.open()
         else:
             self.tracker.close()
@@ -231,6 +242,7 @@ def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: 
             raise LimeError(f"{site.attention} already has a {ROUTER_ATTR!r}; two sites cannot share an attention module")
 
     state = LimeState(config, sites, router_layers)
+    state.owner = model
     try:
         _install(model, state)
     except BaseException:
@@ -260,8 +272,8 @@ def _install(model: nn.Module, state: LimeState) -> None:
         enclosing = _enclosing_module(model, group)
         tracker = state.trackers[name]
         tracker.where = f"{type(enclosing).__name__} (stack {name})" if name else type(enclosing).__name__
-        state.handles.append(enclosing.register_forward_pre_hook(_CallBoundary(tracker, True)))
-        state.handles.append(enclosing.register_forward_hook(_CallBoundary(tracker, False), always_call=True))
+        state.handles.append(enclosing.register_forward_pre_hook(_CallBoundary(state, name, True)))
+        state.handles.append(enclosing.register_forward_hook(_CallBoundary(state, name, False), always_call=True))
 
 
 def _bind_producers(model: nn.Module, state: LimeState) -> None:
@@ -282,21 +294,31 @@ def _bind_producers(model: nn.Module, state: LimeState) -> None:
             raise LimeError(f"{path} produces K/V for two stacks ({sorted(stack_of[path])}); give each stack its own producers")
         module = _resolve(model, path, "K/V producer")
         parent, name = _parent_and_name(model, path)
-        hook = _ProducerHook(state.trackers[next(iter(stack_of[path]))], entries, parent, name, module)
+        stack = next(iter(stack_of[path]))
+        hook = _ProducerHook(state.trackers[stack], entries, parent, name, module)
         state.producer_handles.append(module.register_forward_hook(hook))
+        state.producer_hooks.setdefault(stack, []).append(hook)
 
 
 def rebind(model: nn.Module) -> nn.Module:
-    """Re-attach LIMe's hooks after K/V projections were wrapped (e.g. by PEFT's LoRA)."""
+    """Re-attach LIMe's hooks to the modules now at the K/V producer paths.
+
+    Each call does this by itself when it finds a producer swapped (a PEFT LoRA wrapper, or
+    the plain layer ``merge_and_unload`` puts back); call it to do so before the next forward.
+    """
     found = _find_state(model)
     if found is None:
         raise LimeError(f"{type(model).__name__} is not limeified; call limeify(model) first")
-    owner, state = found
+    _rebind_state(found[1])
+    return model
+
+
+def _rebind_state(state: LimeState) -> None:
     for handle in state.producer_handles:
         handle.remove()
     state.producer_handles.clear()
-    _bind_producers(owner, state)
-    return model
+    state.producer_hooks.clear()
+    _bind_producers(state.owner, state)
 
 
 def unlimeify(model: nn.Module) -> nn.Module:

@@ -148,17 +148,6 @@ def test_get_lime_peft_model_leaves_the_callers_config_alone():
     assert any("lime_router" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_wrapping_after_limeify_without_rebind_raises():
-    from peft import get_peft_model
-
-    model = limeify.limeify(make_llama())
-    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["k_proj"]))
-    with pytest.raises(LimeError, match="rebind"):
-        wrapped(example_for("llama"))
-    limeify.rebind(wrapped)
-    wrapped(example_for("llama"))
-
-
 def test_router_param_groups_and_trainable_summary(capsys):
     model = limeify.limeify(make_llama())
     trainable, total = limeify.mark_only_routers_trainable(model)

@@ -1,0 +1,106 @@
+"""LIMe through the PEFT lifecycle: wrapping after limeify, merge_and_unload, unload, disable_adapter.
+
+References are computed independently: LoRA merged into the weights by hand in the test, or a
+fresh limeified base given the same router weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import limeify
+
+from conftest import example_for, make_llama
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for router in limeify.routers(model).values():
+            for p in router.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _lora_merged_by_hand(base, peft_model, adapter="default"):
+    """The base with W + scaling * B @ A written into every LoRA-targeted linear."""
+    merged = copy.deepcopy(base)
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "lora_A") and adapter in module.lora_A:
+            path = name.split("base_model.model.", 1)[1]
+            delta = module.lora_B[adapter].weight @ module.lora_A[adapter].weight * module.scaling[adapter]
+            with torch.no_grad():
+                merged.get_submodule(path).weight += delta
+    return merged
+
+
+def _with_routers_of(model, source):
+    """limeify(model) with ``source``'s router weights (layer by layer)."""
+    limeify.limeify(model)
+    with torch.no_grad():
+        for layer, router in limeify.routers(model).items():
+            router.load_state_dict(limeify.routers(source)[layer].state_dict())
+    return model
+
+
+def test_wrapping_after_limeify_rebinds_at_the_next_forward():
+    base = make_llama()
+    x = example_for("llama")
+    lime = _perturb(limeify.limeify(copy.deepcopy(base)))
+    wrapped = _perturb(get_peft_model(lime, LoraConfig(r=2, target_modules=["k_proj", "v_proj"])), seed=1)
+    got = _logits(wrapped, x)
+    # LIMe mixes the LoRA-updated K/V: the same as LIMe on a base whose weights hold the update.
+    ref = _logits(_with_routers_of(_lora_merged_by_hand(base, wrapped), wrapped), x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, _logits(_lora_merged_by_hand(base, wrapped), x), atol=1e-3)  # LIMe acts
+
+
+@pytest.fixture
+def trained():
+    base = make_llama()
+    peft = limeify.get_lime_peft_model(copy.deepcopy(base), peft_config=LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"]))
+    return base, _perturb(peft)
+
+
+def test_merge_and_unload_keeps_lime_acting_and_training(trained):
+    base, peft = trained
+    x = example_for("llama")
+    before = _logits(peft, x)
+    merged = peft.merge_and_unload()
+    assert limeify.is_limeified(merged)
+    after = _logits(merged, x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, _logits(limeify.unlimeify(copy.deepcopy(merged)), x), atol=1e-3)
+    routers = limeify.routers(merged)
+    assert all(type(r).__name__ == "StaticRouter" for r in routers.values())
+    merged(x).logits.square().mean().backward()
+    assert all(r.weight.grad is not None and r.weight.grad.abs().sum() > 0 for r in routers.values())
+
+
+def test_unload_gives_the_base_with_the_adapters_routers(trained):
+    base, peft = trained
+    x = example_for("llama")
+    ref = _logits(_with_routers_of(copy.deepcopy(base), peft), x)
+    unloaded = peft.unload()
+    assert limeify.is_limeified(unloaded)
+    assert torch.equal(_logits(unloaded, x), ref)
+
+
+def test_disable_adapter_gives_the_base_outputs(trained):
+    base, peft = trained
+    x = example_for("llama")
+    with peft.disable_adapter():
+        assert torch.equal(_logits(peft, x), _logits(base, x))
+    assert not torch.allclose(_logits(peft, x), _logits(base, x), atol=1e-3)
