@@ -6,7 +6,7 @@ from .discovery import discover_sites
 from .errors import LimeError
 from .calls import ValueCache
 from .injection import attention_sites, describe, is_limeified, limeify, rebind, router_parameters, routers, unlimeify
-from .peft_integration import get_lime_peft_model, load_lime_peft, save_lime_peft
+from .peft_integration import add_weighted_adapter, get_lime_peft_model, load_lime_peft, save_lime_peft
 from .persistence import load_lime, read_lime, save_lime
 from .training import mark_only_routers_trainable, print_trainable_parameters, router_param_groups
 from .mixing import record, static_mix, token_mix
@@ -17,6 +17,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AttentionSite",
+    "add_weighted_adapter",
     "attention_sites",
     "KVSource",
     "LimeConfig",

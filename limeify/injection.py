@@ -10,6 +10,7 @@ module, never one captured in a closure: PEFT may swap the router for a wrapper.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class LimeState:
         self.producer_hooks: dict[str, list[_ProducerHook]] = {}
         self.router_owners: dict[int, nn.Module] = {}
         self.owner: nn.Module | None = None
+        self.warned_adapter = False
 
     def ensure_bound(self, stack: str) -> None:
         """Re-hook the K/V producers if one was swapped out of the module tree since they were hooked.
@@ -64,7 +66,27 @@ class LimeState:
         for hook in self.producer_hooks.get(stack, ()):
             if hook.parent._modules.get(hook.name) is not hook.module:
                 _rebind_state(self)
-                return
+                break
+        self._check_adapter()
+
+    def _check_adapter(self) -> None:
+        """Warn (once until it changes) when the active PEFT adapter carries no routers of its own.
+
+        PEFT switches all router copies together, so one router tells for all.
+        """
+        owner = next(iter(self.router_owners.values()), None)
+        wrapper = owner._modules.get(ROUTER_ATTR) if owner is not None else None
+        copies, name = _adapter_copies(wrapper) if wrapper is not None else (None, None)
+        missing = bool(copies) and name is None and not getattr(wrapper, "disable_adapters", False)
+        if missing and not self.warned_adapter:
+            warnings.warn(
+                "the active PEFT adapter has no LIMe routers of its own (it was added without "
+                "'lime_router' in modules_to_save, e.g. by add_weighted_adapter), so LIMe uses the "
+                "routers limeify installed (identity unless trained before wrapping); "
+                "limeify.add_weighted_adapter combines the adapters' routers too",
+                stacklevel=2,
+            )
+        self.warned_adapter = missing
 
     def remove(self) -> None:
         for handle in self.handles + self.producer_handles:
@@ -339,17 +361,30 @@ def lime_state(model: nn.Module) -> LimeState:
     return found[1]
 
 
-def active_router(module: nn.Module) -> Router:
-    """The router a forward pass uses: unwraps PEFT wrappers to the active adapter's copy."""
+def _adapter_copies(module: nn.Module) -> tuple[nn.ModuleDict | None, str | None]:
+    """A PEFT wrapper's per-adapter router copies and the active adapter's name among them."""
     for attr in ("modules_to_save", "ln_tuning_layers"):
         copies = getattr(module, attr, None)
         if isinstance(copies, nn.ModuleDict):
-            names = getattr(module, "active_adapters", None) or [getattr(module, "active_adapter", None)]
-            name = names[0] if isinstance(names, (list, tuple)) else names
-            if name in copies and not getattr(module, "disable_adapters", False):
-                return copies[name]
-            return module.get_base_layer() if hasattr(module, "get_base_layer") else module.original_module
-    return module
+            # PEFT leaves active_adapter [] on a wrapper when the active adapter has no copy there.
+            names = getattr(module, "active_adapters", None) or []
+            names = [names] if isinstance(names, str) else names
+            return copies, next((n for n in names if isinstance(n, str) and n in copies), None)
+    return None, None
+
+
+def active_router(module: nn.Module) -> Router:
+    """The router a forward pass uses: unwraps PEFT wrappers to the active adapter's copy.
+
+    An active adapter without router copies (one added without ``lime_router`` in its
+    ``modules_to_save``), or adapters disabled, use the wrapped routers limeify installed.
+    """
+    copies, name = _adapter_copies(module)
+    if copies is None:
+        return module
+    if name is not None and not getattr(module, "disable_adapters", False):
+        return copies[name]
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module.original_module
 
 
 def routers(model: nn.Module) -> dict[int, Router]:

@@ -24,11 +24,12 @@ import warnings
 from pathlib import Path
 
 from peft import LNTuningConfig, PeftConfig, PeftModel, get_peft_model
+import torch
 from torch import nn
 
 from .config import LimeConfig
 from .errors import LimeError
-from .injection import is_limeified, limeify, rebind
+from .injection import is_limeified, lime_state, limeify, rebind
 from .discovery import discover_sites
 from .persistence import CONFIG_NAME, check_saved_stacks, save_lime_config
 from .routers import ROUTER_ATTR
@@ -97,3 +98,44 @@ def load_lime_peft(base: nn.Module, directory: str | os.PathLike, is_trainable: 
         model = PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
     rebind(model)
     return model
+
+
+def add_weighted_adapter(peft_model: PeftModel, adapters: list[str], weights: list[float], adapter_name: str, **kwargs) -> None:
+    """PEFT's ``add_weighted_adapter`` that combines the adapters' LIMe routers as well.
+
+    PEFT combines the LoRA weights (``kwargs`` such as ``combination_type`` go to it) but
+    copies no ``modules_to_save``, and refuses adapters that each carry their own routers.
+    Static routers are linear maps of the stacked K/V, so the new adapter's router is
+    ``sum(weight * router)`` over ``adapters`` (an adapter without routers counts with the
+    routers limeify installed). Other mechanisms' routers are not linear in their parameters:
+    they raise ``LimeError``.
+    """
+    state = lime_state(peft_model)
+    if state.config.mechanism != "static":
+        raise LimeError(
+            f"{state.config.mechanism!r} routers are not linear in their parameters, so a weighted sum of "
+            "adapters' routers is not the weighted sum of their mixes; combine adapters with static routers, "
+            "or train the combined adapter's routers"
+        )
+    if len(adapters) != len(weights):
+        raise LimeError(f"{len(adapters)} adapters but {len(weights)} weights")
+    wrappers = [owner._modules[ROUTER_ATTR] for owner in state.router_owners.values()]
+    if not all(isinstance(getattr(w, "modules_to_save", None), nn.ModuleDict) for w in wrappers):
+        raise LimeError("the routers are not PEFT modules_to_save; wrap the model with limeify.get_lime_peft_model and a LoraConfig")
+    # PEFT refuses to combine adapters with router copies on one module: while it combines the
+    # LoRA weights, it sees one of them (the active one, which it re-activates meanwhile).
+    sources = [{a: w.modules_to_save[a] for a in adapters if a in w.modules_to_save} for w in wrappers]
+    hidden = []
+    for w in wrappers:
+        shown = next((a for a in w.active_adapters if a in adapters), adapters[0])
+        hidden.append({a: w.modules_to_save.pop(a) for a in adapters if a != shown and a in w.modules_to_save})
+    try:
+        peft_model.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
+    finally:
+        for w, copies in zip(wrappers, hidden):
+            w.modules_to_save.update(copies)
+    for w, copies in zip(wrappers, sources):
+        w.update(adapter_name)
+        with torch.no_grad():
+            combined = sum(weight * copies.get(a, w.original_module).weight for a, weight in zip(adapters, weights))
+            w.modules_to_save[adapter_name].weight.copy_(combined)

@@ -17,10 +17,10 @@ import limeify
 from conftest import example_for, make_llama
 
 
-def _perturb(model, seed=0):
+def _perturb(model, seed=0, routers=True):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for router in limeify.routers(model).values():
+        for router in limeify.routers(model).values() if routers else ():
             for p in router.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
         for name, p in model.named_parameters():
@@ -104,3 +104,57 @@ def test_disable_adapter_gives_the_base_outputs(trained):
     with peft.disable_adapter():
         assert torch.equal(_logits(peft, x), _logits(base, x))
     assert not torch.allclose(_logits(peft, x), _logits(base, x), atol=1e-3)
+
+
+def _reference(base, peft, adapter):
+    """LoRA of ``adapter`` merged by hand, LIMe with the routers ``peft`` uses now."""
+    return _with_routers_of(_lora_merged_by_hand(base, peft, adapter), peft)
+
+
+def test_several_adapters_switch_routers_with_the_adapter():
+    base = make_llama()
+    x = example_for("llama")
+    peft = _perturb(limeify.get_lime_peft_model(copy.deepcopy(base), peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    peft.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lime_router"]))
+    peft.set_adapter("b")
+    _perturb(peft, seed=1)
+    outputs, weights = {}, {}
+    for adapter in ("default", "b", "default"):
+        peft.set_adapter(adapter)
+        outputs[adapter] = _logits(peft, x)
+        weights[adapter] = [r.weight.detach().clone() for r in limeify.routers(peft).values()]
+        torch.testing.assert_close(outputs[adapter], _logits(_reference(base, peft, adapter), x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(weights["default"][0], weights["b"][0])
+
+    # An adapter without routers: the routers limeify installed (identity), and routers() says so.
+    peft.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft.set_adapter("plain")
+    _perturb(peft, seed=2, routers=False)
+    assert all(torch.equal(r.mixing_matrix(), limeify.routers(limeify.limeify(copy.deepcopy(base)))[layer].mixing_matrix())
+               for layer, r in limeify.routers(peft).items())
+    with pytest.warns(UserWarning, match="no LIMe routers of its own"):
+        got = _logits(peft, x)
+    torch.testing.assert_close(got, _logits(_lora_merged_by_hand(base, peft, "plain"), x), rtol=1e-5, atol=1e-5)
+
+
+def test_add_weighted_adapter_combines_static_routers_linearly():
+    base = make_llama()
+    x = example_for("llama")
+    peft = _perturb(limeify.get_lime_peft_model(copy.deepcopy(base), peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
+    peft.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lime_router"]))
+    peft.set_adapter("b")
+    _perturb(peft, seed=1)
+    per_adapter = {}
+    for adapter in ("default", "b"):
+        peft.set_adapter(adapter)
+        per_adapter[adapter] = {layer: r.weight.detach().clone() for layer, r in limeify.routers(peft).items()}
+    with pytest.raises(ValueError, match="modules_to_save"):  # PEFT alone refuses adapters that both carry routers
+        peft.add_weighted_adapter(["default", "b"], [0.3, 0.7], "plain-peft", combination_type="cat")
+    limeify.add_weighted_adapter(peft, ["default", "b"], [0.3, 0.7], "mix", combination_type="cat")
+    peft.set_adapter("mix")
+    for layer, r in limeify.routers(peft).items():
+        torch.testing.assert_close(r.weight, 0.3 * per_adapter["default"][layer] + 0.7 * per_adapter["b"][layer])
+    # LoRA "cat" keeps each adapter's update scaled by its weight: the merged reference is exact up to rounding.
+    torch.testing.assert_close(_logits(peft, x), _logits(_reference(base, peft, "mix"), x), rtol=1e-5, atol=1e-5)
+    peft.set_adapter("default")
+    torch.testing.assert_close(limeify.routers(peft)[1].weight, per_adapter["default"][1])  # the sources are untouched
