@@ -1,7 +1,7 @@
 """limeify: retrofit Layer-Integrated Memory (LIMe) onto existing transformer models."""
 
 from .config import LimeConfig
-from .conversion import convert, from_pretrained
+from .conversion import convert, from_pretrained, save_pretrained
 from .discovery import discover_sites
 from .errors import LimeError
 from .calls import ValueCache
@@ -41,6 +41,7 @@ __all__ = [
     "rebind",
     "router_param_groups",
     "save_lime",
+    "save_pretrained",
     "save_lime_peft",
     "static_mix",
     "token_mix",

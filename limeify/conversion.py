@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import signal
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import LimeConfig
-from .discovery import default_example_inputs
+from .discovery import default_example_inputs, discover_sites
 from .errors import LimeError
-from .injection import limeify
-from .persistence import CONFIG_NAME, load_lime, save_lime
-from .routers import ROUTER_ATTR
+from .injection import lime_state, limeify, routers, unlimeify
+from .files import staged_directory
+from .persistence import CONFIG_NAME, load_lime, write_lime
+from .routers import MECHANISMS, ROUTER_ATTR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -44,20 +45,6 @@ def _source(src: str | os.PathLike) -> tuple[Path, dict]:
     if src.is_dir() and (src / "config.json").is_file():
         return src, {}
     raise LimeError(f"{src} is neither a transformers checkpoint directory (with config.json) nor a .gguf file")
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (umask() sets it)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load_pretrained_base(src: str | os.PathLike, dtype: str = "float32") -> nn.Module:
@@ -88,6 +75,32 @@ def _probe_logits(model: nn.Module, inputs) -> torch.Tensor:
     return out.float()
 
 
+def saved_router_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Router tensors in a checkpoint's own weights (``model.save_pretrained`` of a limeified model)."""
+    from safetensors import safe_open
+
+    directory = Path(path)
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else (
+        ["model.safetensors"] if (directory / "model.safetensors").is_file() else [])
+    found = {}
+    for name in files:
+        with safe_open(str(directory / name), "pt") as f:
+            for key in f.keys():
+                if f".{ROUTER_ATTR}." in key:
+                    found[key] = f.get_tensor(key)
+    return found
+
+
+def _write(model: nn.Module, directory: Path, src=None) -> None:
+    """Base weights (no routers), the router adapter and ``src``'s tokenizer."""
+    base_state = {k: v for k, v in model.state_dict().items() if f".{ROUTER_ATTR}." not in k}
+    model.save_pretrained(directory, state_dict=base_state)
+    write_lime(model, directory)
+    if src is not None:
+        _copy_tokenizer(src, directory)
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -105,6 +118,12 @@ def convert(
     dst = Path(dst)
     if dst.exists() and not force:
         raise LimeError(f"{dst} exists; pass --force (force=True) to replace it")
+    directory, _ = _source(src)
+    if (directory / CONFIG_NAME).is_file() or saved_router_tensors(directory):
+        raise LimeError(
+            f"{src} already has LIMe routers; converting it would reset them to a fresh init. Load it "
+            f"with limeify.from_pretrained({str(src)!r}), and save a copy with limeify.save_pretrained(model, dst)"
+        )
     say = print if verbose else (lambda *a, **k: None)
     model = load_pretrained_base(src, dtype)
     probe = default_example_inputs(model, batch=2, seq_len=16)
@@ -112,27 +131,28 @@ def convert(
     limeify(model, config)
     diff = (_probe_logits(model, probe) - before).abs().max().item()
     say(f"function preservation on a probe batch: max abs logit diff = {diff:.3g}")
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.limeify-", dir=dst.parent))
-    # mkdtemp makes it private (0700); the output is an ordinary directory, so the umask decides.
-    tmp.chmod(0o777 & ~_umask())
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
-        base_state = {k: v for k, v in model.state_dict().items() if f".{ROUTER_ATTR}." not in k}
-        model.save_pretrained(tmp, state_dict=base_state)
-        save_lime(model, tmp)
-        _copy_tokenizer(src, tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+        with staged_directory(dst, keep=False) as tmp:
+            _write(model, tmp, src)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     say(f"wrote {dst}; load it with limeify.from_pretrained({str(dst)!r})")
     return diff
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Save a limeified transformers model so that :func:`from_pretrained` restores it exactly.
+
+    Like ``model.save_pretrained``, plus the router adapter beside the base weights (which
+    plain transformers loads as the base model). Written to a temporary directory beside
+    ``directory`` and renamed into place, replacing what was there.
+    """
+    lime_state(model)  # raises unless limeified
+    with staged_directory(directory) as tmp:
+        _write(model, tmp)
+    return Path(directory)
 
 
 def _main_thread() -> bool:
@@ -167,8 +187,53 @@ def from_pretrained(path: str | os.PathLike, verify_sites: bool = False, **kwarg
     from transformers import AutoConfig
 
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise LimeError(f"{path} has no {CONFIG_NAME}; convert a checkpoint first with `limeify convert SRC {path}`")
+    adapter = (path / CONFIG_NAME).is_file()
+    tensors = {} if adapter else saved_router_tensors(path)
+    if not adapter and not tensors:
+        raise LimeError(
+            f"{path} has no {CONFIG_NAME} and no LIMe routers in its weights; convert a base checkpoint with "
+            f"`limeify convert SRC {path}`, or save a limeified model with limeify.save_pretrained(model, dir)"
+        )
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(path, local_files_only=True)
-    model = _model_class(config).from_pretrained(path, config=config, local_files_only=True, **kwargs).eval()
-    return load_lime(model, path, verify_sites=verify_sites)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*lime_router.*")
+        model = _model_class(config).from_pretrained(path, config=config, local_files_only=True, **kwargs).eval()
+    if adapter:
+        return load_lime(model, path, verify_sites=verify_sites)
+    return load_state_routers(model, tensors)
+
+
+def load_state_routers(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Limeify ``model`` with the routers found in its own state_dict keys (``<attention>.lime_router.*``).
+
+    Which sites have routers comes from the keys; the mechanism is the registered one whose
+    routers have exactly these tensor names and shapes.
+    """
+    sites = discover_sites(model)
+    by_site = {}
+    for site in sites:
+        prefix = f"{site.attention}.{ROUTER_ATTR}." if site.attention else f"{ROUTER_ATTR}."
+        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if own:
+            by_site[site.layer] = own
+    if sum(map(len, by_site.values())) != len(tensors):
+        raise LimeError("some saved router tensors belong to no attention site discovery finds in this model")
+    matches = [name for name, cls in MECHANISMS.items()
+               if all({k: tuple(v.shape) for k, v in cls(sites[layer].position, sites[layer], "identity").state_dict().items()}
+                      == {k: tuple(v.shape) for k, v in own.items()} for layer, own in by_site.items())]
+    if len(matches) != 1:
+        raise LimeError(
+            f"the saved router tensors match {matches or 'no'} registered mechanism(s); save with "
+            "limeify.save_pretrained(model, dir), which records the LimeConfig"
+        )
+    layers: dict[str, list[int]] = {}
+    for layer in sorted(by_site):
+        layers.setdefault(sites[layer].stack, []).append(sites[layer].position)
+    limeify(model, LimeConfig(mechanism=matches[0], layers=layers, sites=sites))
+    try:
+        for layer, router in routers(model).items():
+            router.load_state_dict(by_site[layer])
+    except BaseException:
+        unlimeify(model)
+        raise
+    return model

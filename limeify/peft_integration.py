@@ -31,7 +31,8 @@ from .config import LimeConfig
 from .errors import LimeError
 from .injection import is_limeified, lime_state, limeify, rebind
 from .discovery import discover_sites
-from .persistence import CONFIG_NAME, check_saved_stacks, save_lime_config
+from .files import staged_directory
+from .persistence import CONFIG_NAME, check_saved_stacks, write_lime_config
 from .routers import ROUTER_ATTR
 
 
@@ -78,9 +79,13 @@ def get_lime_peft_model(
 
 
 def save_lime_peft(peft_model: PeftModel, directory: str | os.PathLike) -> None:
-    """``peft_model.save_pretrained(directory)`` plus the LimeConfig needed to rebuild the base."""
-    peft_model.save_pretrained(directory)
-    save_lime_config(peft_model, directory)
+    """``peft_model.save_pretrained(directory)`` plus the LimeConfig needed to rebuild the base.
+
+    Atomically, as :func:`limeify.save_lime`: a failure leaves ``directory`` as it was.
+    """
+    with staged_directory(directory) as tmp:
+        peft_model.save_pretrained(tmp)
+        write_lime_config(peft_model, tmp)
 
 
 def load_lime_peft(base: nn.Module, directory: str | os.PathLike, is_trainable: bool = False, example_inputs=None) -> PeftModel:

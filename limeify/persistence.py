@@ -14,6 +14,7 @@ from torch import nn
 from .config import LimeConfig
 from .discovery import discover_sites
 from .errors import LimeError
+from .files import staged_directory
 from .injection import is_limeified, lime_state, limeify, routers, unlimeify
 from .routers import MECHANISMS
 from .sites import AttentionSite, stacks_of
@@ -46,25 +47,33 @@ def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_lime_config(model: nn.Module, directory: str | os.PathLike) -> Path:
+def write_lime_config(model: nn.Module, directory: Path) -> None:
     """Write ``lime_config.json``: the LimeConfig, discovered sites, version and base fingerprint."""
     from . import __version__
 
     state = lime_state(model)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     config = state.config.to_dict()
     config["sites"] = [s.to_dict() for s in state.sites]
     meta = {"limeify_version": __version__, "fingerprint": fingerprint(state.sites), "config": config}
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    return directory
+
+
+def write_lime(model: nn.Module, directory: Path) -> None:
+    """``lime_config.json`` and ``lime_routers.safetensors`` into an existing (staging) directory."""
+    write_lime_config(model, directory)
+    save_file(router_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def save_lime(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``lime_config.json`` and ``lime_routers.safetensors`` (router weights only)."""
-    directory = save_lime_config(model, directory)
-    save_file(router_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    return directory
+    """Write ``lime_config.json`` and ``lime_routers.safetensors`` (router weights only).
+
+    Atomically: both are written beside ``directory`` and renamed in together, so a failure
+    leaves no half adapter and an adapter already there as it was.
+    """
+    lime_state(model)  # raises unless limeified, before anything is written
+    with staged_directory(directory) as tmp:
+        write_lime(model, tmp)
+    return Path(directory)
 
 
 def read_lime(directory: str | os.PathLike) -> tuple[LimeConfig, dict, dict[str, torch.Tensor]]:

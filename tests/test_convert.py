@@ -102,12 +102,12 @@ def test_convert_errors(tmp_path, src):
 SLOW_CONVERT = """
 import sys, time
 import limeify.conversion as c
-real = c.save_lime
+real = c.write_lime
 def slow(model, path):
     real(model, path)
     print("WRITING", flush=True)
     time.sleep(60)
-c.save_lime = slow
+c.write_lime = slow
 c.convert(sys.argv[1], sys.argv[2])
 """
 

@@ -158,3 +158,74 @@ def test_add_weighted_adapter_combines_static_routers_linearly():
     torch.testing.assert_close(_logits(peft, x), _logits(_reference(base, peft, "mix"), x), rtol=1e-5, atol=1e-5)
     peft.set_adapter("default")
     torch.testing.assert_close(limeify.routers(peft)[1].weight, per_adapter["default"][1])  # the sources are untouched
+
+
+@pytest.mark.parametrize("mechanism", ["static", "softmax", "dynamic"])
+def test_plain_save_pretrained_then_limeify_from_pretrained_is_exact(tmp_path, mechanism):
+    from transformers import LlamaForCausalLM
+
+    base = make_llama()
+    x = example_for("llama")
+    model = _perturb(limeify.limeify(copy.deepcopy(base), limeify.LimeConfig(mechanism=mechanism, layers=[1, 2])))
+    ref = _logits(model, x)
+    model.save_pretrained(tmp_path / "plain")  # transformers' own: routers inside model.safetensors
+    loaded = limeify.from_pretrained(tmp_path / "plain")
+    assert limeify.describe(loaded).startswith(f"mechanism={mechanism},")
+    assert torch.equal(_logits(loaded, x), ref)
+    limeify.save_pretrained(model, tmp_path / "lime")
+    assert torch.equal(_logits(limeify.from_pretrained(tmp_path / "lime"), x), ref)
+    assert torch.equal(_logits(LlamaForCausalLM.from_pretrained(tmp_path / "lime"), x), _logits(base, x))
+    # convert would reset the trained routers: it refuses, and says what keeps them.
+    for src in ("plain", "lime"):
+        with pytest.raises(limeify.LimeError, match="from_pretrained"):
+            limeify.convert(tmp_path / src, tmp_path / f"{src}-converted", verbose=False)
+        assert not (tmp_path / f"{src}-converted").exists()
+
+
+def test_from_pretrained_without_routers_says_how_to_get_them(tmp_path):
+    make_llama().save_pretrained(tmp_path)
+    with pytest.raises(limeify.LimeError, match="limeify convert.*save_pretrained"):
+        limeify.from_pretrained(tmp_path)
+
+
+def _checksums(directory):
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def _fail(*args, **kwargs):
+    raise OSError("disk full (simulated)")
+
+
+@pytest.mark.parametrize("where", ["weights", "config"])
+def test_a_failed_save_leaves_no_partial_adapter_and_the_old_one_intact(tmp_path, monkeypatch, where):
+    base = make_llama()
+    x = example_for("llama")
+    old = _perturb(limeify.limeify(copy.deepcopy(base)))
+    limeify.save_lime(old, tmp_path / "adapter")
+    before = _checksums(tmp_path / "adapter")
+    new = _perturb(limeify.limeify(copy.deepcopy(base)), seed=5)
+    target = "limeify.persistence.save_file" if where == "weights" else "limeify.persistence.write_lime_config"
+    with monkeypatch.context() as patch:
+        patch.setattr(target, _fail)
+        for directory in (tmp_path / "adapter", tmp_path / "fresh"):
+            with pytest.raises(OSError, match="simulated"):
+                limeify.save_lime(new, directory)
+    assert not (tmp_path / "fresh").exists()
+    assert _checksums(tmp_path / "adapter") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging directories left behind
+    assert torch.equal(_logits(limeify.load_lime(copy.deepcopy(base), tmp_path / "adapter"), x), _logits(old, x))
+
+
+def test_a_failed_peft_save_leaves_the_old_adapter_intact(tmp_path, monkeypatch):
+    base = make_llama()
+    peft = _perturb(limeify.get_lime_peft_model(copy.deepcopy(base), peft_config=LoraConfig(r=2, target_modules=["q_proj"])))
+    limeify.save_lime_peft(peft, tmp_path / "adapter")
+    before = _checksums(tmp_path / "adapter")
+    _perturb(peft, seed=3)
+    monkeypatch.setattr("limeify.peft_integration.write_lime_config", _fail)
+    with pytest.raises(OSError, match="simulated"):
+        limeify.save_lime_peft(peft, tmp_path / "adapter")
+    assert _checksums(tmp_path / "adapter") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
