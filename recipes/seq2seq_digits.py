@@ -4,7 +4,7 @@
 Model: transformers BartForConditionalGeneration, 3 encoder + 3 decoder layers, d_model 128,
 4 heads (MHA), FFN 256, learned positions, no dropout, tied embeddings. Vocabulary: 13 tokens,
 pad=0, bos=1 (also the decoder start token), eos=2, digits 0-9 = 3..12. Task, generated on the
-fly by a seeded generator (no data files): the source is a string of 4..12 random digits, the
+fly by a seeded generator (no data files): the source is a string of 4..16 random digits, the
 target is the string reversed (`--task reverse`, default) or sorted (`--task sort`); both end
 with eos. The test set is drawn once from its own seed (`--test-seed`, the same for every seed
 of the run); each seed's training examples come from a generator seeded with that seed, and any
@@ -14,9 +14,15 @@ LIMe: limeify(model, LimeConfig(init="paper")) right after the model is built (t
 built from the same seed, so both share the base-weight init). limeify finds three stacks in
 BART, the encoder's self-attention, the decoder's self-attention and the decoder's
 cross-attention, and gives every layer of depth >= 1 of each stack a router over the raw K/V of
-its own stack's earlier layers. All weights are trained (AdamW, lr 2e-3, weight decay 0.1 on
+its own stack's earlier layers. All weights are trained (AdamW, lr 1e-3, weight decay 0.1 on
 matrices, warmup then cosine decay to 10%); the routers use lr 1e-2 and no decay (the paper's),
 through limeify.router_param_groups. Both variants of a seed see the same batches in the same order.
+
+The default budget (250 steps x 64 examples, lr 1e-3, strings up to 16 digits) is chosen so that
+exact match is not saturated: with strings up to 12 digits (250-700 steps), or 800 steps at up
+to 16 digits, both variants reached 100% in our runs and the comparison said nothing. Runs near this budget sit close to a learning transition
+(the model finds the position alignment or not), so results vary a lot between seeds: look at
+the paired differences, not one seed.
 
 Evaluation on the test set: exact match of greedy `model.generate(..., use_cache=True)` (the
 whole generated sequence up to eos equals the target) and token accuracy with teacher forcing
@@ -62,26 +68,26 @@ IGNORE = -100  # label of padding positions (ignored by the loss)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = recipe_parser(__doc__, [
-        "python recipes/seq2seq_digits.py                  # 3 seeds, ~12 min on 2 CPU cores",
+        "python recipes/seq2seq_digits.py                  # 3 seeds, ~4 min on 2 CPU cores",
         "python recipes/seq2seq_digits.py --task sort",
-        "python recipes/seq2seq_digits.py --seeds 1 --max-steps 600",
+        "python recipes/seq2seq_digits.py --seeds 5 --max-steps 400 --max-len 20",
         "python recipes/seq2seq_digits.py --smoke          # tiny model, a few steps, 1 seed",
     ])
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...) (default: %(default)s)")
     p.add_argument("--task", choices=["reverse", "sort"], default="reverse",
                    help="target = the digit string reversed or sorted (default: %(default)s)")
     p.add_argument("--min-len", type=int, default=4, help="shortest digit string (default: %(default)s)")
-    p.add_argument("--max-len", type=int, default=12, help="longest digit string (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=16, help="longest digit string (default: %(default)s)")
     p.add_argument("--test-size", type=int, default=2000, help="test examples (default: %(default)s)")
     p.add_argument("--test-seed", type=int, default=1_000_003,
                    help="seed of the test set, the same for every training seed (default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=700, help="optimizer steps per model (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=250, help="optimizer steps per model (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="examples per step (default: %(default)s)")
     p.add_argument("--layers", type=int, default=3, help="encoder layers and decoder layers, each (default: %(default)s)")
     p.add_argument("--d-model", type=int, default=128, help="hidden size (default: %(default)s)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default: %(default)s)")
     p.add_argument("--ffn", type=int, default=256, help="feed-forward width (default: %(default)s)")
-    add_optimizer_args(p, lr=2e-3)
+    add_optimizer_args(p, lr=1e-3)
     p.add_argument("--eval-every", type=int, default=50,
                    help="teacher-forced token accuracy on --eval-subset test examples every N steps (default: %(default)s)")
     p.add_argument("--eval-subset", type=int, default=500, help="test examples used during training (default: %(default)s)")

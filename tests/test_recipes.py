@@ -49,7 +49,7 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-@pytest.mark.parametrize("module", ["finetune_routers", "pretrain_small", "vit_fashion_mnist"])
+@pytest.mark.parametrize("module", ["finetune_routers", "pretrain_small", "seq2seq_digits", "vit_fashion_mnist"])
 def test_help(module, capsys):
     # In-process: the scripts parse arguments with the same parse_args; a subprocess would
     # spend ~10 s per script importing torch and transformers again.
@@ -113,6 +113,35 @@ def test_vit_fashion_mnist_smoke(tmp_path):
     for variant in ("baseline", "lime"):
         r = m["runs"][variant][0]
         assert 0.0 <= r["test_acc"] <= 1.0 and all(finite(x) for x in r["train_losses"])
+
+
+
+def test_seq2seq_digits_smoke(tmp_path):
+    run = run_recipe("seq2seq_digits.py", tmp_path)
+    m = load_metrics(run)
+    assert_png(run / "loss_curves.png")
+    assert_png(run / "router_heatmap.png")
+    assert set(m["runs"]) == {"baseline", "lime"}
+    for variant in ("baseline", "lime"):
+        assert len(m["runs"][variant]) == 1  # --smoke: one seed
+        r = m["runs"][variant][0]
+        for key in ("exact_match", "token_accuracy"):
+            assert finite(r[key]) and 0.0 <= r[key] <= 1.0, (variant, key, r[key])
+        assert r["train_losses"] and all(finite(x) for x in r["train_losses"])
+        assert r["cache_agreement"] == 1.0  # greedy decoding with and without the KV cache agree
+        s = m["summary"][variant]
+        assert finite(s["exact_match_mean"]) and finite(s["token_accuracy_mean"])
+    lime, base = m["runs"]["lime"][0], m["runs"]["baseline"][0]
+    assert base["router_params"] == 0 and lime["router_params"] > 0
+    assert lime["params"] - base["params"] == lime["router_params"]  # same base model, plus the routers
+    # Routers in all three of BART's stacks: encoder self-, decoder self- and decoder cross-attention.
+    assert lime["n_stacks"] == 3 and lime["n_stacks_with_routers"] == 3
+    names = sorted(lime["stacks"])
+    assert any("encoder" in n and "self_attn" in n for n in names)
+    assert any("decoder" in n and "self_attn" in n for n in names)
+    assert any("decoder" in n and "encoder_attn" in n for n in names)
+    assert all(s["router_layers"] for s in lime["stacks"].values())
+    assert (run / "checkpoints" / "lime_routers" / "lime_routers.safetensors").is_file()
 
 
 def test_lora_plan_matches_router_count():
