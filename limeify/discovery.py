@@ -63,8 +63,10 @@ class _Attention:
 class _Graph:
     """A traced graph plus the few questions discovery asks of it, answered per IR."""
 
-    def __init__(self, gm: fx.GraphModule, run_args: list, kind: str) -> None:
+    def __init__(self, gm: fx.GraphModule, run_args: list, kind: str, root: nn.Module | None = None) -> None:
         self.gm, self.run_args, self.kind = gm, run_args, kind
+        self.root = gm if root is None else root
+        self._leaf_weight: dict[str, bool] = {}
         self.module_paths: dict[fx.Node, tuple[str, ...]] = {}
         self.module_output: dict[str, fx.Node] = {}
         if kind == "fx":
@@ -123,10 +125,28 @@ class _Graph:
             mod = self.gm.get_submodule(n.target)
             has_weight = any(p.dim() >= 2 for p in mod.parameters(recurse=False))
             return n.target if has_weight else None
-        if n.op == "call_function" and n.target in _PROJ_ATEN and any(self._is_param(a) for a in n.args):
-            paths = self.module_paths[n]
+        if n.op != "call_function":
+            return None
+        paths = self.module_paths[n]
+        if n in self.floats and paths and self._is_leaf_with_weight(paths[-1]) and self.data_inputs(n):
+            return paths[-1]
+        if n.target in _PROJ_ATEN and any(self._is_param(a) for a in n.args):
             return paths[-1] if paths else ""
         return None
+
+    def _is_leaf_with_weight(self, path: str) -> bool:
+        """A module with a matrix of its own and no parameterised children: a projection, whatever
+        ops its forward exports to (a quantized weight's kernels, ``numpy_T`` + matmul, einsum)."""
+        hit = self._leaf_weight.get(path)
+        if hit is None:
+            try:
+                module = self.root.get_submodule(path)
+            except AttributeError:
+                module = None
+            hit = module is not None and any(p.dim() >= 2 for p in module.parameters(recurse=False)) and not any(
+                any(True for _ in child.parameters()) for child in module.children())
+            self._leaf_weight[path] = hit
+        return hit
 
 
 def _fetch_attr(gm: nn.Module, target: str) -> Any:
@@ -263,7 +283,7 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Graph:
         ) from exc
     gm = ep.module()
     flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
-    return _Graph(gm, flat, "export")
+    return _Graph(gm, flat, "export", root=model)
 
 
 def _param_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -614,7 +634,8 @@ def _input_features(graph: _Graph, path: str) -> int | None:
         return weight.shape[1]
     for node in graph.gm.graph.nodes:
         if graph.projection_module(node) is not None and path in graph.module_paths.get(node, ()):
-            x = node.args[1] if node.target is aten.addmm.default else node.args[0]
-            val = x.meta.get("val") if isinstance(x, fx.Node) else None
-            return int(val.shape[-1]) if isinstance(val, torch.Tensor) else None
+            # The first op of the projection reads its input (or, quantized, a scaled copy of it).
+            vals = [m.meta.get("val") for m in graph.data_inputs(node)]
+            vals = [v for v in vals if isinstance(v, torch.Tensor) and v.dim() >= 2]
+            return int(vals[0].shape[-1]) if vals else None
     return None
