@@ -40,13 +40,13 @@ def _analyze(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from .conversion import _source, from_pretrained, load_pretrained_base
+    from .conversion import _source, from_pretrained, load_pretrained_base, saved_router_tensors
     from .injection import limeify
     from .persistence import CONFIG_NAME
     from .report import analyze
 
     path = Path(args.model)
-    if (path / CONFIG_NAME).is_file():
+    if (path / CONFIG_NAME).is_file() or (path.is_dir() and saved_router_tensors(path)):
         model = from_pretrained(path)
     else:
         model = limeify(load_pretrained_base(path), LimeConfig(mechanism=args.mechanism))

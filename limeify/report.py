@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from . import analysis
 from .injection import is_limeified, lime_state, limeify, routers, unlimeify
 from .errors import LimeError
-from .routers import DynamicRouter
+from .routers import DynamicRouter, identity_block
 from .sites import stacks_of
 
 DEFAULT_PROBE_WORDS = ("is", "are", "was", "were")
@@ -104,7 +105,8 @@ def analyze(
     groups = _word_groups(tokenizer, probe_words)
     probe = None
     ids = chunks.cpu()
-    if len([g for g, v in groups.items() if torch.isin(ids, torch.tensor(v)).any()]) >= 2:
+    counts = {g: int(torch.isin(ids, torch.tensor(v)).sum()) for g, v in groups.items()}
+    if sum(1 for n in counts.values() if n) >= 2:
         probe = {name: analysis.layerwise_probe(hs, ids, groups) for name, hs in (("base", base_h), ("limeified", lime_h))}
         analysis.plot_lines(probe, out / "probe.png", ylabel="probe accuracy", title=f"Separability of {'/'.join(groups)}")
 
@@ -115,6 +117,14 @@ def analyze(
     g = state.sites[0].num_kv_heads
     heat = analysis.router_heatmap(weights, g)
     analysis.plot_router_heatmap(heat, out / "router_heatmap.png", layer_indices=list(rts))
+    notes = []
+    if all(torch.equal(w.detach().cpu(), identity_block(r.layer, g, dtype=w.dtype)) for w, r in zip(weights, rts.values())):
+        notes.append("every router is at identity (untrained): the limeified model computes what the base "
+                     "model does, so base and limeified columns agree by construction")
+    if probe is not None:
+        notes.append(f"the probe rests on {sum(counts.values())} tokens "
+                     f"({', '.join(f'{w}: {n}' for w, n in counts.items())}); with few tokens per word its "
+                     "accuracy moves by whole percents from one token")
 
     circuits_md = ""
     if dynamic:
@@ -125,9 +135,16 @@ def analyze(
             with torch.no_grad():
                 w = r.token_weights(inputs[layer]).float().cpu()
             scores[:, i, : layer + 1, :] = w.transpose(1, 2)
-        hits = analysis.top_tokens(scores, tokens, k=top_k, layer_indices=list(dynamic))
-        circuits_md = analysis.circuits_report_markdown(hits)
-        (out / "circuits.md").write_text(circuits_md)
+        spread = scores.nan_to_num(0.0).amax(0) - scores.nan_to_num(0.0).amin(0)
+        if float(spread.max()) < 1e-6:
+            notes.append("every token gets the same routing weights (ties everywhere, e.g. untrained dynamic "
+                         "routers), so there are no depthwise circuits to list; circuits.md is not written")
+        else:
+            hits = analysis.top_tokens(scores, tokens, k=top_k, layer_indices=list(dynamic))
+            circuits_md = analysis.circuits_report_markdown(hits)
+            (out / "circuits.md").write_text(circuits_md)
+    for note in notes:
+        warnings.warn(f"limeify analyze: {note}", stacklevel=2)
 
     summary = {
         "mechanism": state.config.mechanism,
@@ -137,6 +154,8 @@ def analyze(
         "mean_entropy_limeified": sum(ent["limeified"]) / len(ent["limeified"]),
         "mean_probe_base": None if probe is None else sum(probe["base"]) / len(probe["base"]),
         "mean_probe_limeified": None if probe is None else sum(probe["limeified"]) / len(probe["limeified"]),
+        "probe_tokens": counts,
+        "notes": notes,
     }
     (out / "analysis.json").write_text(json.dumps({"summary": summary, "entropy": ent, "probe": probe,
                                                    "heatmap": heat.tolist()}, indent=2))
@@ -153,6 +172,7 @@ def _markdown(summary: dict, ent: dict, probe: dict | None, groups: dict, circui
              f"| mean matrix entropy (alpha 0.5) | {_fmt(summary['mean_entropy_base'])} | {_fmt(summary['mean_entropy_limeified'])} |",
              f"| mean probe accuracy ({'/'.join(groups) or 'none found'}) | {_fmt(summary['mean_probe_base'])} | {_fmt(summary['mean_probe_limeified'])} |",
              "", f"Mechanism `{summary['mechanism']}`, {summary['layers']} attention layers, {summary['tokens']} tokens.",
+             *[f"\n> **Note:** {note}." for note in summary["notes"]],
              "", "![router heatmap](router_heatmap.png)", "", "## Entropy per hidden-state layer", "",
              "| layer | base | limeified |", "|---|---|---|"]
     lines += [f"| {i} | {_fmt(b)} | {_fmt(l)} |" for i, (b, l) in enumerate(zip(ent["base"], ent["limeified"]))]

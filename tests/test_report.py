@@ -63,3 +63,21 @@ def test_heatmap_matches_hand_set_static_router(tmp_path):
     # layer 1: source 0 mean |w| = (1+1+0+0)/4 = .5, source 1 = (2+0+0+2)/4 = 1 -> 1/3, 2/3
     assert torch.allclose(heat[0, :2], torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
     assert torch.allclose(heat[1], torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+
+
+def test_analyze_says_what_its_numbers_rest_on(tmp_path):
+    from limeify.report import analyze
+
+    model = limeify.limeify(make_llama(), limeify.LimeConfig(mechanism="dynamic"))  # identity init: untrained
+    torch.manual_seed(0)
+    words = [WORDS[i] for i in torch.randint(0, len(WORDS), (600,)).tolist()]
+    with pytest.warns(UserWarning) as caught:
+        summary = analyze(model, _tokenizer(), " ".join(words), tmp_path, seq_len=32, max_chunks=6,
+                          progress=lambda it, desc: it)
+    used = words[: 6 * 32]  # the tokenizer maps each word to one token; analyze reads 6 chunks of 32
+    expected = {w: used.count(w) for w in ("is", "are", "was", "were") if w in WORDS}
+    assert summary["probe_tokens"] == expected
+    messages = " ".join(str(w.message) for w in caught)
+    assert "at identity" in messages and "ties everywhere" in messages and f"{sum(expected.values())} tokens" in messages
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("**Note:**") == 3 and not (tmp_path / "circuits.md").exists()
