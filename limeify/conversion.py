@@ -124,13 +124,22 @@ def convert(
             f"{src} already has LIMe routers; converting it would reset them to a fresh init. Load it "
             f"with limeify.from_pretrained({str(src)!r}), and save a copy with limeify.save_pretrained(model, dst)"
         )
+    from tqdm.auto import tqdm
+
     say = print if verbose else (lambda *a, **k: None)
+    steps = tqdm(total=4, desc="convert", unit="step", disable=not verbose)
+    steps.set_postfix_str("loading")
     model = load_pretrained_base(src, dtype)
+    steps.update()
+    steps.set_postfix_str("tracing")
     probe = default_example_inputs(model, batch=2, seq_len=16)
     before = _probe_logits(model, probe)
     limeify(model, config)
+    steps.update()
+    steps.set_postfix_str("checking")
     diff = (_probe_logits(model, probe) - before).abs().max().item()
-    say(f"function preservation on a probe batch: max abs logit diff = {diff:.3g}")
+    steps.update()
+    steps.set_postfix_str("writing")
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     try:
         with staged_directory(dst, keep=False) as tmp:
@@ -138,6 +147,9 @@ def convert(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    steps.update()
+    steps.close()
+    say(f"function preservation on a probe batch: max abs logit diff = {diff:.3g}")
     say(f"wrote {dst}; load it with limeify.from_pretrained({str(dst)!r})")
     return diff
 

@@ -66,6 +66,7 @@ def test_convert_cli_roundtrip(src, tmp_path, capsys):
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert "max abs logit diff = 0" in run.stdout
+    assert "convert: 100%" in run.stderr and "4/4" in run.stderr  # the progress bar
     assert {"config.json", "model.safetensors", "lime_config.json", "lime_routers.safetensors"} <= set(os.listdir(dst))
     assert _checksums(src) == before
     umask = os.umask(0o022)
