@@ -388,7 +388,7 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _undispatched(model):
             parts = _trace_parts(model, args, kwargs)
         ops: list[AttentionSite | _Unresolved] = []
         for prefix, graph in parts:
@@ -403,6 +403,51 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
         return assign_stacks(model, ops)
     finally:
         model.train(was_training)
+
+
+def execution_devices(model: nn.Module) -> dict[str, torch.device]:
+    """Module path -> the device accelerate runs it on (the nearest dispatch hook's), where hooked."""
+    devices: dict[str, torch.device] = {}
+    for path, module in model.named_modules():
+        parent = path.rpartition(".")[0] if path else None
+        device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            devices[path] = torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+        elif parent is not None and parent in devices:
+            devices[path] = devices[parent]
+    return devices
+
+
+@contextlib.contextmanager
+def _undispatched(model: nn.Module):
+    """Let export see a model dispatched by accelerate as a plain one, without loading its weights.
+
+    accelerate's hooks load offloaded weights at call time (export cannot follow them) and leave
+    ``meta`` tensors behind. For the trace, each hooked module runs its own forward, and each
+    meta tensor stands in as a constant that takes no memory (``expand`` of one number). Discovery
+    reads structure, not values: which features reach K, through reshapes, RoPE and norms.
+    """
+    devices = execution_devices(model)
+    swapped, filled = [], []
+    try:
+        for path, module in model.named_modules():
+            if "_old_forward" in module.__dict__ and "forward" in module.__dict__:
+                swapped.append((module, module.__dict__["forward"]))
+                module.forward = module._old_forward
+            device = devices.get(path, torch.device("cpu"))
+            for store in (module._parameters, module._buffers):
+                for name, t in store.items():
+                    if t is not None and t.is_meta:
+                        scale = 1.0 / t.shape[-1] if t.dim() >= 2 else 1.0
+                        stand_in = torch.full((), scale, dtype=t.dtype, device=device).expand(t.shape)
+                        filled.append((store, name, t))
+                        store[name] = nn.Parameter(stand_in, requires_grad=False) if store is module._parameters else stand_in
+        yield
+    finally:
+        for store, name, t in filled:
+            store[name] = t
+        for module, forward in swapped:
+            module.forward = forward
 
 
 @dataclass(frozen=True)
@@ -466,6 +511,9 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     except Exception:  # the model does not even run on these inputs: the trace error says more
         raise whole from None
     parts: list[tuple[int, str, _Graph]] = []
+    # Modules that ran but neither they nor their parameterised children trace: any attention in
+    # them would silently get no LIMe.
+    opaque: list[str] = []
 
     def visit(path: str, module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -482,11 +530,14 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
                     if _find_attention(graph):
                         parts.append((order, child_path, graph))
                     continue
+                if any(p.dim() >= 2 for p in child.parameters(recurse=False)):
+                    opaque.append(child_path)
             visit(child_path, child)
 
     visit("", model)
-    if not parts:
-        raise whole
+    if opaque or not parts:
+        detail = f"; of its parts, {', '.join(opaque[:5])}{' ...' if len(opaque) > 5 else ''} do not trace either" if opaque else ""
+        raise LimeError(f"{whole}{detail}") from whole
     return [(path, graph) for _, path, graph in sorted(parts, key=lambda part: part[0])]
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from .calls import CallTracker, ValueCache
 from .mixing import record
 from .config import LimeConfig
-from .discovery import discover_sites
+from .discovery import discover_sites, execution_devices
 from .errors import LimeError
 from .routers import MECHANISMS, ROUTER_ATTR, Router
 from .sites import AttentionSite, format_sites, stacks_of
@@ -282,9 +282,10 @@ def _install(model: nn.Module, state: LimeState) -> None:
     if len(set(map(id, owners.values()))) != len(owners):
         raise LimeError("two attention sites share one attention module; pass distinct LimeConfig(sites=...)")
     dtype = config.resolve_router_dtype(params.dtype if params is not None else torch.float32)
+    executes_on = execution_devices(model)
     for layer in state.router_layers:
         router: Router = mechanism(sites[layer].position, sites[layer], config.init, **config.mechanism_kwargs)
-        router.to(device=params.device if params is not None else None, dtype=dtype)
+        router.to(device=_router_device(model, sites[layer], executes_on, params), dtype=dtype)
         owners[layer].add_module(ROUTER_ATTR, router)
         state.router_owners[layer] = owners[layer]
 
@@ -296,6 +297,18 @@ def _install(model: nn.Module, state: LimeState) -> None:
         tracker.where = f"{type(enclosing).__name__} (stack {name})" if name else type(enclosing).__name__
         state.handles.append(enclosing.register_forward_pre_hook(_CallBoundary(state, name, True)))
         state.handles.append(enclosing.register_forward_hook(_CallBoundary(state, name, False), always_call=True))
+
+
+def _router_device(model: nn.Module, site: AttentionSite, executes_on: dict, params: torch.Tensor | None) -> torch.device | None:
+    """Where the layer computes: its K producer's weights, or the device accelerate runs it on
+    when they are offloaded (meta), so a model split over devices keeps each router by its layer."""
+    weight = next(iter(_resolve(model, site.key.module, "K producer").parameters()), None)
+    if weight is not None and not weight.is_meta:
+        return weight.device
+    device = executes_on.get(site.key.module)
+    if device is not None:
+        return device
+    return params.device if params is not None and not params.is_meta else None
 
 
 def _bind_producers(model: nn.Module, state: LimeState) -> None:

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from torch import nn
 
+from .errors import LimeError
 from .injection import routers
 
 
 def _router_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for r in routers(model).values() for p in r.parameters()}
+    rts = routers(model)
+    offloaded = [layer for layer, r in rts.items() if any(p.is_meta for p in r.parameters())]
+    if offloaded:
+        # accelerate gives each forward a temporary copy of an offloaded weight: nothing would train.
+        raise LimeError(
+            f"the routers of layers {offloaded} are offloaded (on the meta device, loaded by accelerate for "
+            "each forward), so they cannot train. Limeify after dispatching (limeify(model) or "
+            "load_lime(model, dir) on the model from from_pretrained(device_map=...) or dispatch_model) "
+            "keeps every router on its layer's execution device"
+        )
+    return {id(p) for r in rts.values() for p in r.parameters()}
 
 
 def mark_only_routers_trainable(model: nn.Module, verbose: bool = True) -> tuple[int, int]:

@@ -542,3 +542,29 @@ def test_nothing_traceable_raises_the_trace_error():
     with pytest.raises(LimeError, match="could not trace Branchy"):
         limeify.limeify(model, example_inputs=torch.ones(2, 8))  # runs proj, which traces but has no attention
     assert not limeify.is_limeified(model)
+
+
+def test_parts_that_do_not_trace_are_named_not_skipped():
+    class OwnWeights(torch.nn.Module):
+        """Attention computed with the module's own matrix, after a data-dependent branch."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):
+            x = x * 2 if x.sum() > 0 else x
+            return torch.softmax(x @ self.w @ x.transpose(-1, -2), -1) @ x
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = OwnWeights(), OwnWeights()
+
+        def forward(self, x):
+            return self.second(self.first(x) if x.mean() > 0 else x)
+
+    model = Outer()
+    with pytest.raises(LimeError, match="first, second do not trace"):
+        limeify.limeify(model, example_inputs=torch.ones(2, 4, 8))
+    assert not limeify.is_limeified(model)
