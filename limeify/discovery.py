@@ -41,14 +41,14 @@ _SDPA_ATEN = {
     aten._scaled_dot_product_cudnn_attention.default,
 }
 _SOFTMAX_ATEN = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
-_MATMUL_ATEN = {aten.matmul.default, aten.bmm.default}
+_MATMUL_ATEN = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
 _PROJ_ATEN = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 _LAYOUT_ATEN = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
                 aten.reshape.default, aten._to_copy.default, aten.to.dtype, aten.clone.default}
 
 _SDPA_FX = {F.scaled_dot_product_attention}
 _SOFTMAX_FX = {torch.softmax, F.softmax, torch.Tensor.softmax}
-_MATMUL_FX = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul}
+_MATMUL_FX = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul, torch.baddbmm, torch.einsum}
 
 Inputs = tuple[tuple, dict]
 
@@ -181,13 +181,29 @@ def _find_attention(g: _Graph) -> list[_Attention]:
         elif g.is_softmax(node):
             scores = _bfs(node, lambda n: n.all_input_nodes, g.is_matmul, depth=6)
             probs_mm = _bfs(node, lambda n: list(n.users), g.is_matmul, depth=6)
-            if scores is None or probs_mm is None or len(scores.args) < 2 or len(probs_mm.args) < 2:
+            qk, pv = _operands(scores), _operands(probs_mm)
+            if qk is None or pv is None:
                 continue
-            q, kt = scores.args[:2]
-            if g._is_param(q) or g._is_param(kt) or g._is_param(probs_mm.args[1]):
+            (q, kt), v = qk, pv[1]
+            if g._is_param(q) or g._is_param(kt) or g._is_param(v):
                 continue
-            found.append(_Attention(q, kt, probs_mm.args[1]))
+            found.append(_Attention(q, kt, v))
     return found
+
+
+def _operands(node: fx.Node | None) -> tuple[Any, Any] | None:
+    """The two multiplied operands of a matmul-like node: ``matmul``/``bmm`` (a, b), ``baddbmm``
+    (bias, a, b: scores plus an ALiBi bias), two-operand ``einsum`` (equation, [a, b])."""
+    if node is None:
+        return None
+    args = node.args
+    name = getattr(node.target, "__name__", str(node.target))
+    if "einsum" in name:
+        operands = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        return tuple(operands) if len(operands) == 2 else None
+    if "baddbmm" in name:
+        return (args[1], args[2]) if len(args) >= 3 else None
+    return (args[0], args[1]) if len(args) >= 2 else None
 
 
 def _producer(g: _Graph, start: fx.Node, attention_paths: tuple[str, ...], role: str, index: int) -> str:
@@ -242,8 +258,11 @@ class _Probe(fx.Interpreter):
         return out
 
 
-def _feature_slice(leaf: torch.Tensor, target: torch.Tensor, what: str) -> tuple[int | None, int | None]:
-    """Which of ``leaf``'s last-dim features reach ``target``; must be one contiguous range."""
+def _feature_slice(leaf: torch.Tensor, target: torch.Tensor, what: str) -> tuple[int | None, int | None, int, int | None]:
+    """Which of ``leaf``'s last-dim features reach ``target``: ``(start, end, blocks, step)``.
+
+    One contiguous range, or equally wide ranges at a constant stride (a per-head fused layout).
+    """
     probe = torch.randn(target.shape, generator=torch.Generator().manual_seed(0), dtype=target.dtype)
     (grad,) = torch.autograd.grad(target, leaf, probe.to(target.device), retain_graph=True, allow_unused=True)
     if grad is None:
@@ -251,12 +270,28 @@ def _feature_slice(leaf: torch.Tensor, target: torch.Tensor, what: str) -> tuple
     used = grad.detach().abs().reshape(-1, grad.shape[-1]).sum(0).nonzero().flatten().tolist()
     if not used:
         raise LimeError(f"{what}: the producer's output does not reach the attention op")
-    start, end = used[0], used[-1] + 1
-    if end - start != len(used):
-        raise LimeError(f"{what}: K/V use non-contiguous features of the producer output; pass LimeConfig(sites=...)")
-    if start == 0 and end == leaf.shape[-1]:
-        return None, None
-    return start, end
+    runs = [[used[0], used[0] + 1]]
+    for i in used[1:]:
+        if i == runs[-1][1]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    start, end = runs[0]
+    if len(runs) == 1:
+        return (None, None, 1, None) if start == 0 and end == leaf.shape[-1] else (start, end, 1, None)
+    step = runs[1][0] - start
+    if any(e - s != end - start or s != start + i * step for i, (s, e) in enumerate(runs)):
+        raise LimeError(
+            f"{what}: K/V use features {_ranges(runs)} of the producer output, not one range or equal ranges "
+            "at a constant stride; pass LimeConfig(sites=[AttentionSite(...)]) with K/V producers that "
+            "output them (see the README's hand-written sites)"
+        )
+    return start, end, len(runs), step
+
+
+def _ranges(runs: list[list[int]]) -> str:
+    shown = ", ".join(f"{s}:{e}" for s, e in runs[:4])
+    return f"[{shown}{', ...' if len(runs) > 4 else ''}]"
 
 
 def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Graph:
@@ -635,26 +670,26 @@ def _common_prefix(paths: list[list[str]]) -> str:
 def _site(graph: _Graph, i: int, att: _Attention, k_path: str, v_path: str, values: dict, used: dict) -> AttentionSite:
     k_leaf = values[graph.module_output[k_path]]
     v_leaf = values[graph.module_output[v_path]]
-    ks, ke = _feature_slice(k_leaf, values[att.key], f"attention #{i} key")
-    vs, ve = _feature_slice(v_leaf, values[att.value], f"attention #{i} value")
+    key = KVSource(k_path, *_feature_slice(k_leaf, values[att.key], f"attention #{i} key"))
+    value = KVSource(v_path, *_feature_slice(v_leaf, values[att.value], f"attention #{i} value"))
     q = values[att.query]
     d, dv = q.shape[-1], values[att.value].shape[-1]
-    k_width = (ke - ks) if ks is not None else k_leaf.shape[-1]
-    v_width = (ve - vs) if vs is not None else v_leaf.shape[-1]
+    k_width = key.width or k_leaf.shape[-1]
+    v_width = value.width or v_leaf.shape[-1]
     if k_width % d or v_width % dv or k_width // d != v_width // dv:
         raise LimeError(
             f"attention #{i}: K has {k_width} features and V {v_width}, not a whole number of "
             f"heads of size {d}/{dv} each with equal head counts; pass LimeConfig(sites=...)"
         )
-    for key in ((k_path, ks), (v_path, vs)):
-        if key in used and used[key] != i:
-            raise LimeError(f"the output {key[0]} feeds two attention ops (#{used[key]} and #{i}); not supported")
-        used[key] = i
+    for src in (key, value):
+        if (src.module, src.start) in used and used[src.module, src.start] != i:
+            raise LimeError(f"the output {src.module} feeds two attention ops (#{used[src.module, src.start]} and #{i}); not supported")
+        used[src.module, src.start] = i
     return AttentionSite(
         layer=i,
         attention=_common_parent(k_path, v_path),
-        key=KVSource(k_path, ks, ke),
-        value=KVSource(v_path, vs, ve),
+        key=key,
+        value=value,
         num_kv_heads=k_width // d,
         head_dim=d,
         value_head_dim=dv if dv != d else None,

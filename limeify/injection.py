@@ -35,6 +35,8 @@ class _Entry:
     depth: int
     start: int | None
     end: int | None
+    blocks: int
+    step: int | None
     heads: int
     attention: nn.Module
     routed: bool
@@ -144,10 +146,15 @@ class _ProducerHook:
         self.parent, self.name, self.module = parent, name, module
         # A fused output (e.g. GPT-2's qkv) is cut once with split, not sliced per K/V: the
         # backward of one split is one concatenation, where each slice's backward would
-        # zero-fill a full-width gradient and add them up.
+        # zero-fill a full-width gradient and add them up. A per-head layout (GPT-NeoX) is
+        # viewed as [..., blocks, step] first and cut the same way inside each block.
         self.sizes: list[int] = []
         self.pieces: list[int] = []
         self.covered = 0
+        layouts = {(e.blocks, e.step) for e in entries}
+        if len(layouts) > 1:
+            raise LimeError(f"{name}: its K/V use different per-head layouts {sorted(layouts, key=str)}; not supported")
+        self.blocks, self.step = layouts.pop()
         if not self.whole:
             for e in self.entries:
                 if e.start < self.covered:
@@ -163,13 +170,21 @@ class _ProducerHook:
         cache = self.tracker.current(self.entries[0].depth, mod, args)
         if self.whole:
             return self._mix(self.entries[0], output, hidden, cache)
+        lead, features = output.shape[:-1], output.shape[-1]
+        if self.blocks > 1:
+            if features != self.blocks * self.step:
+                raise LimeError(f"{self.name} produced {features} features, not {self.blocks} blocks of {self.step}")
+            output = output.view(*lead, self.blocks, self.step)
         tail = output.shape[-1] - self.covered
         if tail < 0:
             raise LimeError(f"{self.name} produced {output.shape[-1]} features, but its K/V slices end at {self.covered}")
         pieces = list(output.split(self.sizes + [tail] if tail else self.sizes, dim=-1))
         for e, i in zip(self.entries, self.pieces):
-            pieces[i] = self._mix(e, pieces[i], hidden, cache)
-        return torch.cat(pieces, dim=-1)
+            piece = pieces[i] if self.blocks == 1 else pieces[i].reshape(*lead, -1)
+            mixed = self._mix(e, piece, hidden, cache)
+            pieces[i] = mixed if self.blocks == 1 else mixed.view(*lead, self.blocks, -1)
+        out = torch.cat(pieces, dim=-1)
+        return out if self.blocks == 1 else out.view(*lead, features)
 
     def _mix(self, e: _Entry, raw: torch.Tensor, hidden: torch.Tensor | None, cache: ValueCache) -> torch.Tensor:
         if e.routed:
@@ -229,15 +244,16 @@ def _validate_sites(model: nn.Module, sites: list[AttentionSite]) -> None:
         for role, src, dim in (("key", site.key, site.head_dim), ("value", site.value, site.v_head_dim)):
             mod = _resolve(model, src.module, f"site {i}: {role} module")
             width = site.num_kv_heads * dim
-            if src.start is not None and (src.end is None or src.end - src.start != width):
+            if src.start is not None and (src.end is None or src.width != width):
                 raise LimeError(
-                    f"site {i}: {role} slice {src.start}:{src.end} is not num_kv_heads*head_dim = {width} wide"
+                    f"site {i}: {role} {src} takes {src.width} features, not num_kv_heads*head_dim = {width}"
                 )
+            if src.blocks > 1 and (src.step is None or src.end > src.step):
+                raise LimeError(f"site {i}: {role} {src}: each of its {src.blocks} blocks must fit in step={src.step}")
+            last = width if src.start is None else src.end + (src.blocks - 1) * (src.step or 0)
             out = getattr(mod, "out_features", None) or getattr(mod, "nf", None)
-            if out is not None and (src.end or width) > out:
-                raise LimeError(
-                    f"site {i}: {role} needs {src.end or width} output features but {src.module} has {out}"
-                )
+            if out is not None and last > out:
+                raise LimeError(f"site {i}: {role} needs {last} output features but {src.module} has {out}")
 
 
 def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: Any = None) -> nn.Module:
@@ -319,7 +335,8 @@ def _bind_producers(model: nn.Module, state: LimeState) -> None:
     for site in state.sites:
         owner = _resolve(model, site.attention, "attention module")
         for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
-            entry = _Entry(role, site.layer, site.position, src.start, src.end, site.num_kv_heads, owner, site.layer in routed)
+            entry = _Entry(role, site.layer, site.position, src.start, src.end, src.blocks, src.step, site.num_kv_heads,
+                           owner, site.layer in routed)
             by_module.setdefault(src.module, []).append(entry)
             stack_of.setdefault(src.module, set()).add(site.stack)
     for path, entries in by_module.items():

@@ -7,19 +7,30 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class KVSource:
-    """Where one of K or V comes from: a module's output, or a slice of its last dimension.
+    """Where one of K or V comes from: a module's output, or a fixed set of its last dimension's features.
 
     ``start``/``end`` are ``None`` when the whole output is K (or V), e.g. LLaMA's ``k_proj``;
-    GPT-2's fused ``c_attn`` gives K as ``start=hidden, end=2*hidden``.
+    GPT-2's fused ``c_attn`` gives K as ``start=hidden, end=2*hidden``. A fused output laid out
+    per head (GPT-NeoX: ``[q_h, k_h, v_h]`` for each head ``h``) repeats the slice: features
+    ``start + i*step .. end + i*step`` for ``i < blocks``, K's heads in block order.
     """
 
     module: str
     start: int | None = None
     end: int | None = None
+    blocks: int = 1
+    step: int | None = None
+
+    @property
+    def width(self) -> int | None:
+        """How many features K (or V) takes, or None for the whole output."""
+        return None if self.start is None else self.blocks * (self.end - self.start)
 
     def __str__(self) -> str:
         if self.start is None:
             return self.module
+        if self.blocks > 1:
+            return f"{self.module}.view(..., {self.blocks}, {self.step})[..., {self.start}:{self.end}]"
         return f"{self.module}[..., {self.start}:{self.end}]"
 
 

@@ -182,8 +182,12 @@ def reference_mix_logits(base, x, sites, coefs):
         out = out.clone()
         for role, src in (("k", site.key), ("v", site.value)):
             if src.module == path:
-                s, e = (src.start, src.end) if src.start is not None else (0, out.shape[-1])
-                out[..., s:e] = mix(role, site.layer, out[..., s:e], site.num_kv_heads, args[0])
+                if src.start is None:
+                    idx = torch.arange(out.shape[-1])
+                else:  # blocks of [start, end), one every `step` features (per-head fused layouts)
+                    idx = torch.tensor([src.start + b * (src.step or 0) + j
+                                        for b in range(src.blocks) for j in range(src.end - src.start)])
+                out[..., idx] = mix(role, site.layer, out[..., idx], site.num_kv_heads, args[0])
         return out
 
     handles = [base.get_submodule(path).register_forward_hook(functools.partial(hook, site=site, path=path))
