@@ -302,3 +302,30 @@ def test_no_grad_and_inference_mode_forwards_alternate_on_reused_buffers():
         with mode():
             assert torch.equal(model(x).logits, ref)
     assert len(next(iter(limeify.injection.lime_state(model).trackers.values())).scratch)  # small forwards reused buffers
+
+
+def test_hand_written_sites_from_the_readme():
+    from conftest import make_nano
+
+    from limeify import AttentionSite, KVSource
+
+    base = make_nano()
+    x = example_for("nano")
+    sites = [
+        AttentionSite(layer=i, attention=f"blocks.{i}.attn",
+                      key=KVSource(f"blocks.{i}.attn.c_attn", start=32, end=64),
+                      value=KVSource(f"blocks.{i}.attn.c_attn", start=64, end=96),
+                      num_kv_heads=4, head_dim=8, stack="blocks.*.attn", depth=i)
+        for i in range(3)
+    ]
+    by_hand = limeify.limeify(copy.deepcopy(base), LimeConfig(sites=sites, init="paper"))
+    torch.manual_seed(0)
+    discovered = limeify.limeify(copy.deepcopy(base), LimeConfig(init="paper"), example_inputs=x)
+    found = limeify.attention_sites(discovered)
+    assert [(s.key, s.value, s.stack, s.depth, s.num_kv_heads, s.head_dim) for s in found] == \
+        [(s.key, s.value, s.stack, s.depth, s.num_kv_heads, s.head_dim) for s in sites]
+    with torch.no_grad():
+        for a, b in zip(limeify.router_parameters(by_hand), limeify.router_parameters(discovered)):
+            a.copy_(b)
+        assert torch.equal(logits_of(by_hand(x)), logits_of(discovered(x)))
+        assert not torch.allclose(logits_of(by_hand(x)), logits_of(base(x)), atol=1e-4)
