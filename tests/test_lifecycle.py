@@ -111,13 +111,19 @@ def _reference(base, peft, adapter):
     return _with_routers_of(_lora_merged_by_hand(base, peft, adapter), peft)
 
 
-def test_several_adapters_switch_routers_with_the_adapter():
+def _two_adapters():
+    """A base and its PEFT model with adapters "default" and "b", each with its own LoRA and routers, perturbed."""
     base = make_llama()
-    x = example_for("llama")
     peft = _perturb(limeify.get_lime_peft_model(copy.deepcopy(base), peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
     peft.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lime_router"]))
     peft.set_adapter("b")
     _perturb(peft, seed=1)
+    return base, peft
+
+
+def test_several_adapters_switch_routers_with_the_adapter():
+    base, peft = _two_adapters()
+    x = example_for("llama")
     outputs, weights = {}, {}
     for adapter in ("default", "b", "default"):
         peft.set_adapter(adapter)
@@ -138,12 +144,8 @@ def test_several_adapters_switch_routers_with_the_adapter():
 
 
 def test_add_weighted_adapter_combines_static_routers_linearly():
-    base = make_llama()
+    base, peft = _two_adapters()
     x = example_for("llama")
-    peft = _perturb(limeify.get_lime_peft_model(copy.deepcopy(base), peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"])))
-    peft.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lime_router"]))
-    peft.set_adapter("b")
-    _perturb(peft, seed=1)
     per_adapter = {}
     for adapter in ("default", "b"):
         peft.set_adapter(adapter)
