@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed
 from .config import LimeConfig
 from .discovery import default_example_inputs, discover_sites
 from .errors import LimeError
@@ -162,6 +163,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> Path:
     ``directory`` and renamed into place, replacing what was there.
     """
     lime_state(model)  # raises unless limeified
+    if distributed.is_sharded(model):
+        raise LimeError(
+            "save_pretrained writes whole weights from one process; for a fully_shard-ed model use "
+            "limeify.save_lime (a collective: rank 0 writes the gathered routers) and save the base "
+            "weights with torch.distributed.checkpoint"
+        )
     with staged_directory(directory) as tmp:
         _write(model, tmp)
     return Path(directory)

@@ -177,9 +177,9 @@ def warn_unmanaged_routers(model: nn.Module) -> None:
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     warnings.warn(
-        "the model is fully_shard-ed but its routers are not managed by FSDP (limeify ran after "
-        "fully_shard), so each rank trained its own copy and rank 0's is saved; call "
-        "limeify.distributed.shard_routers(model) right after limeify on a sharded model",
+        "the model is fully_shard-ed but its routers are not managed by FSDP, so each rank trained "
+        "its own copy and rank 0's is saved; fully_shard the model's root too (it takes every "
+        "parameter no inner fully_shard took), or limeify after fully_shard (limeify shards the routers)",
         stacklevel=3,
     )
 
@@ -191,8 +191,8 @@ def check_can_add_routers(model: nn.Module) -> None:
         if getattr(state, "_is_root", None) is not None:
             raise LimeError(
                 "this fully_shard-ed model has already run a forward pass, after which FSDP manages "
-                "no new modules; add the routers before its first forward: limeify.load_lime (or "
-                "limeify + shard_routers) right after fully_shard, or load_lime before fully_shard"
+                "no new modules; add the routers before its first forward: limeify or limeify.load_lime "
+                "right after fully_shard, or before fully_shard"
             )
 
 
@@ -206,16 +206,17 @@ def _nearest_fsdp(model: nn.Module, path: str, fsdp: dict[str, nn.Module]) -> nn
 
 
 def _fsdp_settings(module: nn.Module) -> dict:
-    """mesh, mixed-precision and offload policies and resharding of ``module``'s FSDP unit."""
+    """The mesh and the mixed-precision and offload policies of ``module``'s FSDP unit."""
     state = module._get_fsdp_state()
     groups = [g for g in getattr(state, "_fsdp_param_groups", []) if g is not None]
     if groups:
         g = groups[0]
-        return {"mesh": g.mesh_info.mesh, "mp_policy": g.mp_policy, "offload_policy": g.offload_policy,
-                "reshard_after_forward": g.post_forward_mesh_info is not None}
+        return {"mesh": g.mesh_info.mesh, "mp_policy": g.mp_policy, "offload_policy": g.offload_policy}
     mesh = _model_mesh(module)
     if mesh is None:
-        raise LimeError(f"cannot tell the device mesh of the fully_shard-ed {type(module).__name__}: it holds no sharded parameters")
+        raise LimeError(
+            f"cannot tell the device mesh of the fully_shard-ed {type(module).__name__}: it holds no sharded parameters"
+        )
     return {"mesh": mesh}
 
 
@@ -223,16 +224,18 @@ def shard_routers(model: nn.Module) -> nn.Module:
     """Put each router that FSDP does not manage under FSDP (in place): ``fully_shard`` it with the
     device mesh, mixed-precision and offload policies of its nearest ``fully_shard``-ed ancestor.
 
-    Needed when routers are added to a model that is already ``fully_shard``-ed (load_lime does
-    it itself): otherwise their gradients are never reduced across ranks and each rank trains
-    its own copy. Call it on every rank, before the model's first forward pass.
+    ``limeify`` (and so ``load_lime``) does this when it adds routers to a model that is
+    already ``fully_shard``-ed: otherwise their gradients would never be reduced across ranks
+    and each rank would train its own copy. Runs on every rank, before the first forward.
     """
     from torch.distributed.fsdp import fully_shard
 
     fsdp_cls = _fsdp_module_type()
     fsdp = {name: m for name, m in model.named_modules() if isinstance(m, fsdp_cls)}
     if not fsdp:
-        raise LimeError(f"{type(model).__name__} has no fully_shard-ed module; shard_routers follows an existing fully_shard")
+        raise LimeError(
+            f"{type(model).__name__} has no fully_shard-ed module; shard_routers follows an existing fully_shard"
+        )
     check_can_add_routers(model)
     paths = {id(m): name for name, m in model.named_modules()}
     for owner in lime_state(model).router_owners.values():
@@ -240,5 +243,14 @@ def shard_routers(model: nn.Module) -> nn.Module:
         if isinstance(router, fsdp_cls) or any(is_dtensor(p) for p in router.parameters()):
             continue
         ancestor = _nearest_fsdp(model, paths[id(owner)], fsdp) or next(iter(fsdp.values()))
-        fully_shard(router, **_fsdp_settings(ancestor))
+        # Kept whole from forward to backward (routers are tiny), so backward never needs the
+        # all-gather that FSDP hooks on the router's output: that output is a view of the mix,
+        # an in-place op on it downstream would drop the hook, and FSDP warns about it.
+        fully_shard(router, reshard_after_forward=False, **_fsdp_settings(ancestor))
+    warnings.filterwarnings("ignore", message=_VIEW_WARNING, category=UserWarning)
     return model
+
+
+# FSDP2 warns whenever a fully_shard-ed module returns a view, because an in-place op on it would
+# drop the pre-backward all-gather; routers are not resharded after forward, so none is needed.
+_VIEW_WARNING = r"FSDP2-wrapped module \(FSDP\w*Router\w*\) returned a view tensor"

@@ -287,6 +287,15 @@ def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: 
         state.remove()
         raise
     setattr(model, STATE_ATTR, state)
+    from . import distributed  # it builds on this module
+
+    if distributed.is_sharded(model):
+        # Routers FSDP does not manage would train separately on each rank.
+        try:
+            distributed.shard_routers(model)
+        except BaseException:
+            unlimeify(model)
+            raise
     return model
 
 

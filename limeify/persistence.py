@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .config import LimeConfig
 from .discovery import discover_sites
 from .errors import LimeError
@@ -39,12 +40,23 @@ def fingerprint(sites: list[AttentionSite]) -> dict:
 
 
 def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Router tensors keyed ``routers.<layer>.<name>``, independent of the model's module paths."""
-    return {
-        f"routers.{layer}.{name}": t.detach().contiguous()
+    """Router tensors keyed ``routers.<layer>.<name>``, independent of the model's module paths.
+
+    Sharded (FSDP2 DTensor) routers are gathered whole on every rank: then this is a collective
+    that every rank must call. Meta or otherwise unreadable tensors raise ``LimeError`` (on
+    every rank alike when sharded) before anything is gathered.
+    """
+    named = [
+        (f"routers.{layer}.{name}", t)
         for layer, router in routers(model).items()
         for name, t in router.state_dict().items()
-    }
+    ]
+    problem = next((p for p in (distributed.unreadable(k, t) for k, t in named) if p), None)
+    if any(distributed.is_dtensor(t) for _, t in named):
+        problem = distributed.agree(problem, [t for _, t in named])
+    if problem:
+        raise LimeError(problem)
+    return {k: distributed.full_tensor(t).contiguous() for k, t in named}
 
 
 def write_lime_config(model: nn.Module, directory: Path) -> None:
@@ -58,10 +70,15 @@ def write_lime_config(model: nn.Module, directory: Path) -> None:
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
 
-def write_lime(model: nn.Module, directory: Path) -> None:
-    """``lime_config.json`` and ``lime_routers.safetensors`` into an existing (staging) directory."""
+def write_lime(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """``lime_config.json`` and ``lime_routers.safetensors`` into an existing (staging) directory.
+
+    ``tensors``: the routers' :func:`router_state_dict`, when already gathered.
+    """
+    if tensors is None:
+        tensors = router_state_dict(model)
     write_lime_config(model, directory)
-    save_file(router_state_dict(model), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def save_lime(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -69,10 +86,25 @@ def save_lime(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     Atomically: both are written beside ``directory`` and renamed in together, so a failure
     leaves no half adapter and an adapter already there as it was.
+
+    A ``fully_shard``-ed (FSDP2) model: every rank must call it (it gathers the sharded
+    routers); rank 0 alone writes, and every rank returns once the adapter is in place (or
+    raises if rank 0 failed). Plain and DDP models: no collectives, call it on one rank.
     """
     lime_state(model)  # raises unless limeified, before anything is written
-    with staged_directory(directory) as tmp:
-        write_lime(model, tmp)
+    tensors = router_state_dict(model)
+    if not distributed.is_sharded(model):
+        with staged_directory(directory) as tmp:
+            write_lime(model, tmp, tensors)
+        return Path(directory)
+    if not any(distributed.is_dtensor(t) for r in routers(model).values() for t in r.state_dict().values()):
+        distributed.warn_unmanaged_routers(model)
+
+    def write() -> None:
+        with staged_directory(directory) as tmp:
+            write_lime(model, tmp, tensors)
+
+    distributed.on_rank_zero(model, write, f"writing the adapter to {directory}")
     return Path(directory)
 
 
@@ -106,7 +138,7 @@ def _expected_shapes(config: LimeConfig, sites: list[AttentionSite]) -> dict[str
     return shapes
 
 
-def _check_depth(model: nn.Module, sites: list[AttentionSite], directory) -> None:
+def _check_depth(model: nn.Module, sites: list[AttentionSite], directory, sharded: bool = False) -> None:
     """Without a trace, a deeper model would take the adapter silently on its first layers
     only; counting modules of the saved attention modules' class catches that cheaply."""
     try:
@@ -117,7 +149,9 @@ def _check_depth(model: nn.Module, sites: list[AttentionSite], directory) -> Non
     if found != len(sites):
         raise LimeError(
             f"the adapter in {directory} was saved for {len(sites)} attention layers but the model has "
-            f"{found} {kind.__name__} modules; load it with verify_sites=True to check the model properly"
+            f"{found} {kind.__name__} modules; "
+            + ("load it into the base model before fully_shard, with verify_sites=True, to check the model properly"
+               if sharded else "load it with verify_sites=True to check the model properly")
         )
 
 
@@ -150,17 +184,25 @@ def load_lime(
     and uses the sites saved with the adapter, checking only that their modules exist and are
     wide enough: use it when the model is known to be the one the adapter was saved from.
 
+    A ``fully_shard``-ed (FSDP2) base model works too: call it on every rank, before the
+    model's first forward. limeify puts the routers under FSDP (``fully_shard`` with the mesh
+    and policies of their decoder layer) and they get rank 0's saved values. Such a model cannot be
+    traced, so the adapter's saved sites are used and checked as with ``verify_sites=False``.
+
     Raises ``LimeError`` naming expected vs found on any mismatch (depth, heads, mechanism,
     router keys or shapes, missing or corrupt files); the model is then left as it was.
     """
     config, expected, tensors = read_lime(directory)
     if is_limeified(model):
         raise LimeError("model is already limeified; load_lime expects the unmodified base model (call unlimeify first)")
-    if verify_sites or config.sites is None:
+    sharded = distributed.is_sharded(model)
+    if sharded:
+        _check_shardable(model, config, directory)
+    if (verify_sites and not sharded) or config.sites is None:
         sites = discover_sites(model, example_inputs)
     else:
         sites = list(config.sites)
-        _check_depth(model, sites, directory)
+        _check_depth(model, sites, directory, sharded)
     found = fingerprint(sites)
     check_saved_stacks(expected, sites, directory)
     if "stacks" not in expected:
@@ -180,10 +222,43 @@ def load_lime(
         )
     limeify(model, config)
     try:
+        meta = [f"routers.{layer}.{name}" for layer, router in routers(model).items()
+                for name, t in router.state_dict().items() if t.is_meta]
+        if meta:
+            raise LimeError(
+                f"the model is on the meta device (offloaded, or built on meta and never materialized), so "
+                f"its routers ({', '.join(meta)}) would be created there and hold nothing; load the base "
+                "model's weights onto a real device (model.to_empty(device=...) and load them) before load_lime"
+            )
         for layer, router in routers(model).items():
             prefix = f"routers.{layer}."
-            router.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            params = router.state_dict()  # DTensor shards when sharded: each takes its part of rank 0's tensor
+            saved = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            router.load_state_dict({k: distributed.like(params[k], v) for k, v in saved.items()})
     except BaseException:
         unlimeify(model)
         raise
     return model
+
+
+def _check_shardable(model: nn.Module, config: LimeConfig, directory) -> None:
+    """Loading into a ``fully_shard``-ed model: it cannot be traced, and FSDP must be able to take
+    the new routers (see :func:`limeify.distributed.shard_routers`)."""
+    if not distributed.fsdp_modules(model):
+        raise LimeError(
+            f"{type(model).__name__} holds DTensor parameters but no fully_shard-ed module; load_lime "
+            "supports FSDP2 (fully_shard) models only: load the adapter before parallelizing the model"
+        )
+    if config.sites is None:
+        raise LimeError(
+            f"the adapter in {directory} does not record its attention sites, and a fully_shard-ed "
+            "model cannot be traced to find them; load_lime into the base model before fully_shard"
+        )
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise LimeError(
+            f"the fully_shard-ed model is still on the meta device ({meta}); materialize it first "
+            "(model.to_empty(device=...) and load its weights), then load_lime: to_empty would wipe "
+            "the routers' loaded values"
+        )
+    distributed.check_can_add_routers(model)
