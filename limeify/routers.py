@@ -41,9 +41,11 @@ def available_mechanisms() -> list[str]:
 class Router(nn.Module):
     """Base class: ``forward`` returns this layer's mixed K or V in the raw layout ``[..., G*d]``.
 
-    Args of ``forward``: ``raw`` is this layer's raw K or V, ``cache`` the value cache of this
-    call of the stack, holding layers ``0..layer``, ``role`` ``"k"`` or ``"v"``, ``hidden`` the input of the
-    projection that produced ``raw`` (the layer's normalized hidden state in pre-norm models).
+    ``layer`` is the site's depth in its stack (``site.position``): the router mixes depths
+    ``0..layer`` of that stack. Args of ``forward``: ``raw`` is this layer's raw K or V, ``cache``
+    the value cache of this call of the stack, holding depths ``0..layer``, ``role`` ``"k"`` or
+    ``"v"``, ``hidden`` the input of the projection that produced ``raw`` (the layer's normalized
+    hidden state in pre-norm models).
     """
 
     mechanism = "base"
