@@ -502,21 +502,38 @@ def _graph_ops(graph: _Graph) -> list[AttentionSite | _Unresolved]:
         att_paths = graph.module_paths.get(att.key, ())
         try:
             producers[i] = (_producer(graph, att.key, att_paths, "key", i), _producer(graph, att.value, att_paths, "value", i))
-        except LimeError as exc:
-            ops[i] = _Unresolved(_op_path(graph, att), exc)
+        except Exception as exc:
+            ops[i] = _Unresolved(_op_path(graph, att), _explained(exc, f"attention op #{i}"))
     if producers:
         leaves = {graph.module_output[p] for pair in producers.values() for p in pair}
         watch = {n for i in producers for n in (attentions[i].query, attentions[i].key, attentions[i].value)}
         probe = _Probe(graph.gm, leaves, watch)
         with torch.enable_grad():
-            probe.run(*graph.run_args)
+            try:
+                probe.run(*graph.run_args)
+            except Exception as exc:
+                failed = _explained(exc, "re-running the traced graph to see which features reach K and V")
+                return [op or _Unresolved(_op_path(graph, attentions[i]), failed) for i, op in enumerate(ops)]
             used: dict = {}
             for i, (k_path, v_path) in producers.items():
                 try:
                     ops[i] = _site(graph, i, attentions[i], k_path, v_path, probe.values, used)
-                except LimeError as exc:
-                    ops[i] = _Unresolved(_common_parent(k_path, v_path), exc)
+                except Exception as exc:
+                    ops[i] = _Unresolved(_common_parent(k_path, v_path), _explained(exc, f"attention op #{i}"))
     return ops
+
+
+def _explained(exc: Exception, what: str) -> LimeError:
+    """A discovery failure as a LimeError that says what to do (an unexpected one included)."""
+    if isinstance(exc, LimeError):
+        return exc
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    error = LimeError(
+        f"{what}: discovery failed ({type(exc).__name__}: {first}); describe the attention layers with "
+        "LimeConfig(sites=[AttentionSite(...)]) (see the README's hand-written sites)"
+    )
+    error.__cause__ = exc  # the traceback stays reachable (limeify --debug)
+    return error
 
 
 def _op_path(graph: _Graph, att: _Attention) -> str:
