@@ -329,3 +329,20 @@ def test_hand_written_sites_from_the_readme():
             a.copy_(b)
         assert torch.equal(logits_of(by_hand(x)), logits_of(discovered(x)))
         assert not torch.allclose(logits_of(by_hand(x)), logits_of(base(x)), atol=1e-4)
+
+
+def test_an_unexpected_discovery_failure_is_a_lime_error_naming_the_stack(monkeypatch):
+    import limeify.discovery as discovery
+
+    real = discovery._site
+
+    def broken(graph, i, *args):
+        if i == 1:
+            raise AttributeError("'NoneType' object has no attribute 'shape'")
+        return real(graph, i, *args)
+
+    monkeypatch.setattr(discovery, "_site", broken)
+    model = make_llama()
+    with pytest.raises(LimeError, match=r"stack 'model.layers.\*.self_attn'.*AttributeError.*LimeConfig\(sites=") as info:
+        limeify.limeify(model)
+    assert isinstance(info.value.__cause__.__cause__, AttributeError) and not limeify.is_limeified(model)
