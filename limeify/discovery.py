@@ -693,6 +693,10 @@ def _site(graph: _Graph, i: int, att: _Attention, k_path: str, v_path: str, valu
     d, dv = q.shape[-1], values[att.value].shape[-1]
     k_width = key.width or k_leaf.shape[-1]
     v_width = value.width or v_leaf.shape[-1]
+    if key.blocks > 1 and (key.end - key.start) % d:
+        # Each head's K block is only part of the K its query meets: multi-head latent attention
+        # routes the per-head content part (k_nope) and leaves the shared rotary part as it is.
+        d = key.end - key.start
     if k_width % d or v_width % dv or k_width // d != v_width // dv:
         raise LimeError(
             f"attention #{i}: K has {k_width} features and V {v_width}, not a whole number of "

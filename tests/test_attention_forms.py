@@ -1,5 +1,6 @@
 """Attention written in other forms: per-head fused qkv (GPT-NeoX, Falcon), ALiBi scores through
-``baddbmm`` (Bloom), a user's ``einsum`` attention. Tiny random configs, routers perturbed."""
+``baddbmm`` (Bloom), multi-head latent attention (DeepSeek-V3), a user's ``einsum`` attention.
+Tiny random configs, routers perturbed."""
 
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ def make_falcon(alibi: bool):
         alibi=False, new_decoder_architecture=True, num_kv_heads=2)
     return FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                           **extra)).eval()
+
+
+def make_deepseek_v3():
+    """Multi-head latent attention, dense (no MoE layer), 3 layers."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16,
+                           kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                           first_k_dense_replace=3, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                           topk_group=1, max_position_embeddings=64)
+    return DeepseekV3ForCausalLM(cfg).eval()
 
 
 def make_bloom():
@@ -69,12 +83,14 @@ class EinsumModel(nn.Module):
 
 
 BUILD = {"neox": make_neox, "falcon-alibi": lambda: make_falcon(True), "falcon-rope": lambda: make_falcon(False),
-         "bloom": make_bloom, "einsum": EinsumModel}
+         "bloom": make_bloom, "deepseek-v3": make_deepseek_v3, "einsum": EinsumModel}
 # What discovery must find: (K producer of layer 1, K features per block, blocks)
 EXPECTED = {"neox": ("gpt_neox.layers.1.attention.query_key_value", 8, 4),
             "falcon-alibi": ("transformer.h.1.self_attention.query_key_value", 8, 1),
             "falcon-rope": ("transformer.h.1.self_attention.query_key_value", 8, 2),
             "bloom": ("transformer.h.1.self_attention.query_key_value", 8, 4),
+            # MLA: each head's [k_nope | v] block of kv_b_proj; the shared rotary part of K is not routed
+            "deepseek-v3": ("model.layers.1.self_attn.kv_b_proj", 8, 4),
             "einsum": ("layers.1.k", None, 1)}
 
 
