@@ -46,6 +46,22 @@ def make_deepseek_v3():
     return DeepseekV3ForCausalLM(cfg).eval()
 
 
+def make_codegen():
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    torch.manual_seed(0)
+    return CodeGenForCausalLM(CodeGenConfig(vocab_size=64, n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64,
+                                            n_ctx=64, bos_token_id=1, eos_token_id=2)).eval()
+
+
+def make_persimmon():
+    from transformers import PersimmonConfig, PersimmonForCausalLM
+
+    torch.manual_seed(0)
+    return PersimmonForCausalLM(PersimmonConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                                intermediate_size=64, max_position_embeddings=64)).eval()
+
+
 def make_bloom():
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -83,7 +99,8 @@ class EinsumModel(nn.Module):
 
 
 BUILD = {"neox": make_neox, "falcon-alibi": lambda: make_falcon(True), "falcon-rope": lambda: make_falcon(False),
-         "bloom": make_bloom, "deepseek-v3": make_deepseek_v3, "einsum": EinsumModel}
+         "bloom": make_bloom, "deepseek-v3": make_deepseek_v3, "codegen": make_codegen, "persimmon": make_persimmon,
+         "einsum": EinsumModel}
 # What discovery must find: (K producer of layer 1, K features per block, blocks)
 EXPECTED = {"neox": ("gpt_neox.layers.1.attention.query_key_value", 8, 4),
             "falcon-alibi": ("transformer.h.1.self_attention.query_key_value", 8, 1),
@@ -91,6 +108,8 @@ EXPECTED = {"neox": ("gpt_neox.layers.1.attention.query_key_value", 8, 4),
             "bloom": ("transformer.h.1.self_attention.query_key_value", 8, 4),
             # MLA: each head's [k_nope | v] block of kv_b_proj; the shared rotary part of K is not routed
             "deepseek-v3": ("model.layers.1.self_attn.kv_b_proj", 8, 4),
+            "codegen": ("transformer.h.1.attn.qkv_proj", 8, 4),  # [q | v | k] per partition
+            "persimmon": ("model.layers.1.self_attn.query_key_value", 8, 4),
             "einsum": ("layers.1.k", None, 1)}
 
 
