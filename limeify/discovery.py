@@ -40,6 +40,12 @@ _SDPA_ATEN = {
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_cudnn_attention.default,
 }
+try:
+    from torch._higher_order_ops.flex_attention import flex_attention as _flex_attention_op
+
+    _FLEX = {_flex_attention_op}
+except ImportError:  # a torch without flex attention
+    _FLEX = set()
 _SOFTMAX_ATEN = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _MATMUL_ATEN = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
 _PROJ_ATEN = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
@@ -98,7 +104,8 @@ class _Graph:
         return self.kind == "fx" and node.op == "call_method" and node.target == method
 
     def is_sdpa(self, n: fx.Node) -> bool:
-        return self._call(n, _SDPA_ATEN, _SDPA_FX)
+        """An op taking (query, key, value) first: SDPA in its forms, or flex attention's operator."""
+        return self._call(n, _SDPA_ATEN, _SDPA_FX) or (n.op == "call_function" and n.target in _FLEX)
 
     def is_softmax(self, n: fx.Node) -> bool:
         return self._call(n, _SOFTMAX_ATEN, _SOFTMAX_FX, "softmax")

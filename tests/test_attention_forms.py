@@ -157,3 +157,17 @@ def test_generate_with_and_without_kv_cache(name):
         a = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
         b = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(a, b)
+
+
+def test_flex_attention_llama_equals_its_sdpa_twin():
+    from conftest import make_llama
+
+    x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    flex = limeify.limeify(make_llama(impl="flex_attention"))
+    sdpa = _perturb(limeify.limeify(make_llama(impl="sdpa")))
+    assert limeify.attention_sites(flex) == limeify.attention_sites(sdpa)
+    assert torch.equal(_logits(flex, x), _logits(make_llama(impl="flex_attention"), x))
+    with torch.no_grad():
+        for a, b in zip(limeify.router_parameters(flex), limeify.router_parameters(sdpa)):
+            a.copy_(b)
+    torch.testing.assert_close(_logits(flex, x), _logits(sdpa, x), rtol=1e-5, atol=1e-5)
