@@ -49,7 +49,7 @@ def finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-@pytest.mark.parametrize("module", ["finetune_routers", "pretrain_small", "seq2seq_digits", "vit_fashion_mnist"])
+@pytest.mark.parametrize("module", ["arithmetic", "finetune_routers", "pretrain_small", "seq2seq_digits", "vit_fashion_mnist"])
 def test_help(module, capsys):
     # In-process: the scripts parse arguments with the same parse_args; a subprocess would
     # spend ~10 s per script importing torch and transformers again.
@@ -142,6 +142,46 @@ def test_seq2seq_digits_smoke(tmp_path):
     assert any("decoder" in n and "encoder_attn" in n for n in names)
     assert all(s["router_layers"] for s in lime["stacks"].values())
     assert (run / "checkpoints" / "lime_routers" / "lime_routers.safetensors").is_file()
+
+
+def test_arithmetic_smoke(tmp_path):
+    run = run_recipe("arithmetic.py", tmp_path)
+    m = load_metrics(run)
+    assert_png(run / "accuracy_vs_operands.png")
+    assert len(m["depths"]) == 1 and len(m["seeds"]) == 1  # --smoke: one depth, one seed
+    depth = str(m["depths"][0])
+    runs = m["runs"][depth]
+    assert set(runs) == {"baseline", "lime", "uniform"}
+    counts = [str(n) for n in m["operand_counts"]]
+    assert counts[0] == "2" and len(counts) >= 2
+    for variant, rs in runs.items():
+        r = rs[0]
+        assert set(r["accuracy"]) == set(counts), variant
+        for n, acc in r["accuracy"].items():
+            assert finite(acc) and 0.0 <= acc <= 1.0, (variant, n, acc)
+            s = m["summary"][depth][variant][n]
+            assert finite(s["mean"]) and 0.0 <= s["mean"] <= 1.0
+        assert r["train_losses"] and all(finite(x) for x in r["train_losses"])
+        assert r["cache_agreement"] == 1.0  # greedy decoding with and without the KV cache agree
+    base, lime, uniform = (runs[v][0] for v in ("baseline", "lime", "uniform"))
+    # Same base model for all three variants; LIMe and uniform add the same router shapes.
+    assert base["router_params"] == 0 and lime["router_params"] > 0
+    assert lime["params"] - base["params"] == lime["router_params"] == uniform["router_params"]
+    assert lime["router_shapes"] == uniform["router_shapes"]
+    # Uniform control: routers equal the uniform block matrix after training, frozen, not optimized.
+    assert uniform["router_max_abs_dev_from_uniform"] <= 1e-7
+    assert not any(uniform["routers_trainable"]) and uniform["router_max_abs_change"] == 0.0
+    assert uniform["trainable_params"] == base["params"]
+    # LIMe: routers trainable and moved away from their init.
+    assert all(lime["routers_trainable"]) and lime["router_max_abs_change"] > 0
+    assert lime["trainable_params"] == lime["params"]
+    checks = m["checks"]
+    assert checks["uniform_routers_frozen"] and checks["lime_routers_trainable"]
+    assert checks["uniform_router_max_abs_dev_from_uniform"] <= 1e-7
+    assert checks["lime_router_min_max_abs_change"] > 0
+    diffs = m["paired_diff_points"][depth]
+    for key in ("lime_minus_baseline", "lime_minus_uniform"):
+        assert diffs[key]["operands"] == m["operand_counts"][-1] and finite(diffs[key]["mean"])
 
 
 def test_lora_plan_matches_router_count():
