@@ -73,6 +73,7 @@ class _Graph:
         self.gm, self.run_args, self.kind = gm, run_args, kind
         self.root = gm if root is None else root
         self._leaf_weight: dict[str, bool] = {}
+        self.attentions: list[_Attention] | None = None
         self.module_paths: dict[fx.Node, tuple[str, ...]] = {}
         self.module_output: dict[str, fx.Node] = {}
         if kind == "fx":
@@ -180,6 +181,13 @@ def _bfs(start: fx.Node, step: Callable[[fx.Node], Iterable[fx.Node]], hit: Call
 
 
 def _find_attention(g: _Graph) -> list[_Attention]:
+    """The graph's attention ops in forward order (found once per graph)."""
+    if g.attentions is None:
+        g.attentions = _scan_attention(g)
+    return g.attentions
+
+
+def _scan_attention(g: _Graph) -> list[_Attention]:
     found = []
     for node in g.gm.graph.nodes:
         if g.is_sdpa(node):
@@ -232,13 +240,7 @@ def _producer(g: _Graph, start: fx.Node, attention_paths: tuple[str, ...], role:
             f"attention op #{index}: no parameterised projection feeds its {role} input; "
             "pass LimeConfig(sites=[AttentionSite(...)]) naming the module that produces it"
         )
-    parts = [p.split(".") for p in projections]
-    common = []
-    for items in zip(*parts):
-        if len(set(items)) != 1:
-            break
-        common.append(items[0])
-    path = ".".join(common)
+    path = _common_prefix([p.split(".") for p in projections])
     if not path or path in attention_paths or path not in g.module_output:
         raise LimeError(
             f"attention op #{index}: its {role} input comes from several projections "

@@ -49,7 +49,7 @@ class LimeState:
         self.config = config
         self.sites = sites
         self.router_layers = router_layers
-        self.trackers = {name: CallTracker(len(group), name or "the model") for name, group in stacks_of(sites).items()}
+        self.trackers = {name: CallTracker(len(group)) for name, group in stacks_of(sites).items()}
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.producer_handles: list[torch.utils.hooks.RemovableHandle] = []
         self.producer_hooks: dict[str, list[_ProducerHook]] = {}

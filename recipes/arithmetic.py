@@ -68,8 +68,8 @@ import limeify  # noqa: E402
 from common import set_seed  # noqa: E402
 from limeify.analysis import plot_router_heatmap, router_heatmap  # noqa: E402
 from train_utils import (  # noqa: E402
-    RecipeRun, Timer, add_optimizer_args, autocast, ema, fmt_mean_std, lr_factor, mean_std, param_groups,
-    recipe_parser,
+    RecipeRun, Timer, add_optimizer_args, autocast, ema, fmt_mean_std, mean_std, param_groups,
+    recipe_parser, train_steps,
 )
 
 RECIPE = "arithmetic"
@@ -258,21 +258,11 @@ def train_one(variant: str, layers: int, seed: int, args: argparse.Namespace, te
     trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
     g = torch.Generator().manual_seed(seed)  # batch order: the same for every variant of a seed
     order = torch.randperm(args.max_steps * args.batch_size, generator=g).view(args.max_steps, args.batch_size)
-    timer, losses = Timer(), []
+    timer = Timer()
     model.train()
-    for step in range(args.max_steps):
-        f = lr_factor(step, args.max_steps, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * f
-        batch = {k: v[order[step]].to(device) for k, v in train.items()}
-        with autocast(device):
-            loss = model(**batch).loss
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().item())
+    losses = train_steps(model, opt, args, device,
+                         lambda step: model(**{k: v[order[step]].to(device) for k, v in train.items()}).loss,
+                         range(args.max_steps))
     train_time = timer.as_dict()
     preds = generate(model, test, device)
     acc = {n: sum(p == str(v) for p, (_, v) in zip(preds[n], exs)) / len(exs) for n, exs in test.items()}

@@ -250,6 +250,29 @@ class TrainedVariant:
     timer: Timer  # started just before the step-0 evaluation; the caller decides when to read it
 
 
+def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace, device: torch.device,
+                step_loss: Callable[[int], torch.Tensor], steps: Iterable[int],
+                after: Callable[[int, list[float]], None] | None = None) -> list[float]:
+    """The recipes' AdamW loop: warmup + cosine lr (groups carry ``peak_lr``), autocast, optional
+    clipping; ``step_loss(step)`` gives the step's loss, ``after(step, losses)`` runs after each step."""
+    losses: list[float] = []
+    for step in steps:
+        f = lr_factor(step, args.max_steps, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * f
+        with autocast(device):
+            loss = step_loss(step)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().item())
+        if after is not None:
+            after(step, losses)
+    return losses
+
+
 def train_variant(variant: str, seed: int, args: argparse.Namespace, device: torch.device,
                   build: Callable[[], torch.nn.Module], n_examples: int,
                   loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
@@ -274,24 +297,16 @@ def train_variant(variant: str, seed: int, args: argparse.Namespace, device: tor
     order = torch.cat([torch.randperm(n_examples, generator=g) for _ in range(math.ceil(need / n_examples))])[:need]
     order = order.view(args.max_steps, args.batch_size)
     timer = Timer()
-    losses, evals = [], [(0, evaluate(model))]
+    evals = [(0, evaluate(model))]
     model.train()
     bar = tqdm(range(args.max_steps), desc=f"{variant} seed {seed}", dynamic_ncols=True)
-    for step in bar:
-        f = lr_factor(step, args.max_steps, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * f
-        with autocast(device):
-            loss = loss_fn(model, order[step])
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().item())
+
+    def after(step: int, losses: list[float]) -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.max_steps:
             evals.append((step + 1, evaluate(model)))
             bar.set_postfix({"loss": f"{losses[-1]:.3f}", metric: f"{evals[-1][1]:.3f}"})
+
+    losses = train_steps(model, opt, args, device, lambda step: loss_fn(model, order[step]), bar, after)
     model.eval()
     return TrainedVariant(model, params, router_params, losses, evals, timer)
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-SRC, TGT = 7, 5  # encoder and decoder lengths that differ ...
-SAME = 6  # ... and one where every stack's K/V have the same shape, so silent mixing shows
-
-
-def _seed(model):
-    return model.eval()
+# Dual towers: 5x5 patches of a 10-pixel image (+1 CLS for CLIP), three layers each.
+TOWER_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=32)
+TOWER_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=10,
+                    patch_size=2)
 
 
 def make_bart():
@@ -46,22 +45,14 @@ def make_clip():
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                max_position_embeddings=32)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=10,
-                  patch_size=2)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    return CLIPModel(CLIPConfig(text_config=TOWER_TEXT, vision_config=TOWER_VISION, projection_dim=16)).eval()
 
 
 def make_siglip():
     from transformers import SiglipConfig, SiglipModel
 
     torch.manual_seed(0)
-    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                max_position_embeddings=32)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=10,
-                  patch_size=2)
-    return SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    return SiglipModel(SiglipConfig(text_config=TOWER_TEXT, vision_config=TOWER_VISION)).eval()
 
 
 def make_llava():
