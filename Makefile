@@ -23,7 +23,7 @@ venv: $(PY)
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) recipes/finetune_routers.py $(DEMO_ARGS)
+	$(PY) -m recipes.finetune_routers $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q

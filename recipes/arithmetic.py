@@ -49,27 +49,16 @@ router_heatmap_L<depth>.png (LIMe routers of the first seed).
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for _p in (str(HERE), str(HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import torch
 
-# Idle OpenMP threads sleep instead of spinning (see finetune_routers.py); before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-
-import limeify  # noqa: E402
-from common import set_seed  # noqa: E402
-from limeify.analysis import plot_router_heatmap, router_heatmap  # noqa: E402
-from train_utils import (  # noqa: E402
+import limeify
+from limeify.analysis import plot_router_heatmap, router_heatmap
+from recipes.train_utils import (
     RecipeRun, Timer, add_optimizer_args, autocast, ema, fmt_mean_std, mean_std, param_groups,
-    recipe_parser, train_steps,
+    recipe_parser, set_seed, train_steps,
 )
 
 RECIPE = "arithmetic"
@@ -83,10 +72,10 @@ CHARS = {PLUS: "+", MINUS: "-", EQ: "=", EOS: "<eos>", PAD: "<pad>", **{DIGIT0 +
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = recipe_parser(__doc__, [
-        "python recipes/arithmetic.py                          # 2 depths x 3 variants x 3 seeds, ~23 min on 2 CPU cores",
-        "python recipes/arithmetic.py --seeds 1 --depths 4     # one depth, one seed, ~3 min",
-        "python recipes/arithmetic.py --max-operands 8 --max-steps 3000 --device cuda",
-        "python recipes/arithmetic.py --smoke                  # tiny model, a few steps, 1 seed",
+        "python -m recipes.arithmetic                          # 2 depths x 3 variants x 3 seeds, ~23 min on 2 CPU cores",
+        "python -m recipes.arithmetic --seeds 1 --depths 4     # one depth, one seed, ~3 min",
+        "python -m recipes.arithmetic --max-operands 8 --max-steps 3000 --device cuda",
+        "python -m recipes.arithmetic --smoke                  # tiny model, a few steps, 1 seed",
     ])
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...) (default: %(default)s)")
     p.add_argument("--depths", type=int, nargs="+", default=[4, 8], help="numbers of layers (default: %(default)s)")

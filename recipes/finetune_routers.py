@@ -39,37 +39,18 @@ import argparse
 import copy
 import gc
 import math
-import os
 import sys
 import warnings
-from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning: on a shared or oversubscribed CPU, spinning
-# threads make small ops 100-1000x slower. Must be set before torch loads; export
-# OMP_WAIT_POLICY=ACTIVE to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
-for _p in (str(HERE), str(HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-import limeify  # noqa: E402
-from common import (  # noqa: E402
-    chunk_tokens,
-    load_smollm2,
-    pydoc_topics_documents,
-    resolve_device,
-    run_dir,
-    set_seed,
-    split_documents,
-    write_json,
-    write_markdown_table,
+import limeify
+from recipes.common import chunk_tokens, load_smollm2, pydoc_topics_documents, split_documents
+from recipes.train_utils import (
+    Timer, add_run_args, autocast, ema, env_info, lm_eval_loss, plot_panels, ppl, resolve_device, run_dir, set_seed,
+    write_json, write_markdown_table,
 )
-from train_utils import Timer, add_run_args, autocast, ema, env_info, lm_eval_loss, plot_panels, ppl  # noqa: E402
 
 RECIPE = "finetune_routers"
 METHODS = ("lime", "lora", "norm", "norm_matched")
@@ -88,10 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "base / LoRA / norm-only controls on held-out perplexity.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
-        "  python recipes/finetune_routers.py                       # default: ~9 min on 2 CPU cores\n"
-        "  python recipes/finetune_routers.py --smoke               # a few steps, end-to-end check\n"
-        "  python recipes/finetune_routers.py --methods lime --lr-lime 1e-3,3e-3,1e-2   # lr sweep\n"
-        "  python recipes/finetune_routers.py --max-steps 300 --seq-len 256 --batch-size 8 --device cuda",
+        "  python -m recipes.finetune_routers                       # default: ~9 min on 2 CPU cores\n"
+        "  python -m recipes.finetune_routers --smoke               # a few steps, end-to-end check\n"
+        "  python -m recipes.finetune_routers --methods lime --lr-lime 1e-3,3e-3,1e-2   # lr sweep\n"
+        "  python -m recipes.finetune_routers --max-steps 300 --seq-len 256 --batch-size 8 --device cuda",
     )
     add_run_args(p, seed_help="seed of the data order and of LoRA's init (every method gets the same)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
@@ -423,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
                        f"({runs[best]['trainable_params']:,} vs {runs[best_lime]['trainable_params']:,} trainable parameters).")
     else:
         verdict = "No method trained (base only)."
-    cmd = "python recipes/finetune_routers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python -m recipes.finetune_routers " + " ".join(sys.argv[1:] if argv is None else argv)
     notes = [
         "", f"Command: `{cmd.strip()}`", "",
         f"One seed ({args.seed}), {args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens per method, "

@@ -28,25 +28,14 @@ final checkpoints (checkpoints/*.safetensors).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for _p in (str(HERE), str(HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import torch
 
-# Idle OpenMP threads sleep instead of spinning (see finetune_routers.py); before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-
-from common import chunk_tokens, pydoc_topics_documents, split_documents  # noqa: E402
-from limeify.analysis import layerwise_renyi_entropy, plot_lines  # noqa: E402
-from train_utils import (  # noqa: E402
+from limeify.analysis import layerwise_renyi_entropy, plot_lines
+from recipes.common import chunk_tokens, load_smollm2_tokenizer, pydoc_topics_documents, split_documents
+from recipes.train_utils import (
     VARIANT_COLORS, VARIANTS, RecipeRun, add_optimizer_args, autocast, ema, fmt_mean_std, lm_eval_loss,
-    load_smollm2_tokenizer, mean_std, plot_panels, ppl, recipe_parser, train_variant, variant_row,
+    mean_std, plot_panels, ppl, recipe_parser, train_variant, variant_row,
 )
 
 RECIPE = "pretrain_small"
@@ -54,10 +43,10 @@ RECIPE = "pretrain_small"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = recipe_parser(__doc__, [
-        "python recipes/pretrain_small.py            # 1 seed, ~10 min on 2 CPU cores",
-        "python recipes/pretrain_small.py --full     # seeds 0,1,2, mean +- std",
-        "python recipes/pretrain_small.py --smoke    # tiny model, a few steps",
-        "python recipes/pretrain_small.py --max-steps 2000 --batch-size 32 --device cuda",
+        "python -m recipes.pretrain_small            # 1 seed, ~10 min on 2 CPU cores",
+        "python -m recipes.pretrain_small --full     # seeds 0,1,2, mean +- std",
+        "python -m recipes.pretrain_small --smoke    # tiny model, a few steps",
+        "python -m recipes.pretrain_small --max-steps 2000 --batch-size 32 --device cuda",
     ])
     p.add_argument("--full", action="store_true", help="run 3 seeds (seed, seed+1, seed+2) and report mean ± std")
     p.add_argument("--seeds", type=int, default=0, help="number of seeds (overrides --full; default 1, or 3 with --full)")

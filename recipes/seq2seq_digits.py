@@ -38,26 +38,15 @@ LIMe routers via limeify.save_lime).
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for _p in (str(HERE), str(HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import torch
 
-# Idle OpenMP threads sleep instead of spinning (see finetune_routers.py); before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
-
-import limeify  # noqa: E402
-from common import markdown_table, set_seed  # noqa: E402
-from train_utils import (  # noqa: E402
-    VARIANT_COLORS, VARIANTS, RecipeRun, add_optimizer_args, autocast, ema, fmt_mean_std, mean_std, recipe_parser,
-    train_variant, variant_row,
+import limeify
+from recipes.train_utils import (
+    VARIANT_COLORS, VARIANTS, RecipeRun, add_optimizer_args, autocast, ema, fmt_mean_std, markdown_table, mean_std,
+    recipe_parser, set_seed, train_variant, variant_row,
 )
 
 RECIPE = "seq2seq_digits"
@@ -68,10 +57,10 @@ IGNORE = -100  # label of padding positions (ignored by the loss)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = recipe_parser(__doc__, [
-        "python recipes/seq2seq_digits.py                  # 3 seeds, ~4 min on 2 CPU cores",
-        "python recipes/seq2seq_digits.py --task sort",
-        "python recipes/seq2seq_digits.py --seeds 5 --max-steps 400 --max-len 20",
-        "python recipes/seq2seq_digits.py --smoke          # tiny model, a few steps, 1 seed",
+        "python -m recipes.seq2seq_digits                  # 3 seeds, ~4 min on 2 CPU cores",
+        "python -m recipes.seq2seq_digits --task sort",
+        "python -m recipes.seq2seq_digits --seeds 5 --max-steps 400 --max-len 20",
+        "python -m recipes.seq2seq_digits --smoke          # tiny model, a few steps, 1 seed",
     ])
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...) (default: %(default)s)")
     p.add_argument("--task", choices=["reverse", "sort"], default="reverse",

