@@ -329,7 +329,11 @@ def expose(model: nn.Module) -> Callable[[], None]:
     done = []
     for module in list(model.modules()):
         restructurer = RESTRUCTURERS.get(type(module))
-        if restructurer is not None and _exposed_by(module) is None and restructurer.expose(module):
+        # A forward set on the instance (accelerate's dispatch hooks) would keep running the
+        # original class's forward: such a module stays as it is, as if not registered.
+        if restructurer is None or _exposed_by(module) is not None or "forward" in vars(module):
+            continue
+        if restructurer.expose(module):
             done.append((restructurer, module))
 
     def undo() -> None:
