@@ -35,7 +35,7 @@ behind it), and every exception is caught, so one type cannot stop the sweep.
 
 Examples::
 
-    python benchmarks/coverage.py --quick                 # 8 diverse types, < 2 min on 2 cores
+    python benchmarks/coverage.py --quick                 # 12 diverse types, < 2 min on 2 cores
     python benchmarks/coverage.py --types llama,mistral   # chosen types (markdown to a temp file)
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/coverage.py --jobs 2   # all: docs/architectures.md
 """
@@ -69,7 +69,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-QUICK_TYPES = ["llama", "gpt2", "bert", "vit", "bart", "t5", "clip", "whisper"]
+# One of each family CI must keep passing: decoders (GQA/RoPE, fused qkv, per-head fused, ALiBi),
+# encoders, a shared layer, per-layer head sizes, encoder-decoders, towers, speech.
+QUICK_TYPES = ["llama", "gpt2", "gpt_neox", "bloom", "bert", "albert", "gemma4_text", "vit", "bart", "t5", "clip", "whisper"]
 DEFAULT_OUT = ROOT / "docs" / "architectures.md"
 
 # Head classes in order of preference: the first mapping that has the model type wins.

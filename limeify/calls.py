@@ -46,6 +46,8 @@ from .buffers import HeadsLast, ScratchPool, SourceBuffer, SourcesLast
 from .errors import LimeError
 
 MARK = "_lime_calls"
+# Which call of a module running several layers a tensor entered (or a checkpoint region ran).
+CALL_MARK = "_lime_call_index"
 
 
 class ValueCache:
@@ -57,7 +59,7 @@ class ValueCache:
     thread's pool of reusable small buffers.
     """
 
-    __slots__ = ("tracker", "num_layers", "grad", "scratch", "buffers", "memo", "traced", "__weakref__")
+    __slots__ = ("tracker", "num_layers", "grad", "scratch", "buffers", "memo", "traced", "calls", "__weakref__")
 
     def __init__(self, tracker: "CallTracker | None", num_layers: int, grad: bool, scratch: ScratchPool | None = None) -> None:
         self.tracker = tracker
@@ -69,6 +71,8 @@ class ValueCache:
         self.memo: dict[int, tuple] = {}
         # Under torch.compile: each layer's raw K/V as a graph value (see mixing._traced_mix).
         self.traced: dict[str, list] = {}
+        # How often each module running several layers has run in this call (see call_index).
+        self.calls: dict[int, int] = {}
 
     def write(self, role: str, layer: int, raw: torch.Tensor, heads: int, saved: bool = False) -> SourceBuffer:
         """Store ``raw`` (``[..., G*d]``) in slot ``layer`` of the role's buffer and return it.
@@ -246,6 +250,51 @@ class CallTracker:
                 "whose regions limeify tells apart exactly"
             )
         return next(iter(found))
+
+    def call_index(self, cache: ValueCache, hook: object, count: int, args: tuple) -> int:
+        """Which of its ``count`` calls in ``cache``'s call a module running several layers is in.
+
+        In the forward, its calls are counted. A recomputation in backward reads the index back
+        from the checkpoint region, which noted its calls' indices in order (a region re-runs
+        its calls in that order, once per backward pass), else from the input tensor (marked
+        with it), and raises if neither tells it.
+        """
+        key = id(hook)
+        if _in_backward():
+            frame = _checkpoint_frame()
+            noted = frame.__dict__.get(CALL_MARK, {}).get(key) if frame is not None else None
+            if noted:
+                cursors = frame.__dict__.setdefault(CALL_MARK + "_next", {})
+                at = (torch._C._current_graph_task_id(), key)
+                i = cursors.get(at, 0)
+                cursors[at] = i + 1
+                if i < len(noted):
+                    return noted[i]
+            marked = {t.__dict__.get(CALL_MARK, {}).get(key) for t in _tensors(args)} - {None}
+            if len(marked) == 1 and -1 not in marked:
+                return marked.pop()
+            raise LimeError(
+                f"a module running {count} attention layers was recomputed in backward, but not by torch's "
+                "non-reentrant checkpoint and not from a tensor it saw in the forward, so limeify cannot tell "
+                "which of its calls this is; checkpoint with torch.utils.checkpoint.checkpoint(..., "
+                "use_reentrant=False)"
+            )
+        index = cache.calls.get(key, 0)
+        if index >= count:
+            raise LimeError(
+                f"a module running attention layers of {self.where} ran {index + 1} times in one call, more "
+                f"than the {count} times limeify found when it traced the model; limeify the model again if "
+                "its depth changed"
+            )
+        cache.calls[key] = index + 1
+        if cache.grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            frame = _checkpoint_frame()
+            if frame is not None:
+                frame.__dict__.setdefault(CALL_MARK, {}).setdefault(key, []).append(index)
+            for t in _tensors(args):
+                marks = t.__dict__.setdefault(CALL_MARK, {})
+                marks[key] = index if marks.get(key, index) == index else -1
+        return index
 
     def current(self, layer: int, module: torch.nn.Module, args: tuple) -> ValueCache:
         """The call an attention layer's K/V hook belongs to (resuming it in recomputation)."""

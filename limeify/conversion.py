@@ -15,10 +15,11 @@ from . import distributed
 from .config import LimeConfig
 from .discovery import default_example_inputs, discover_sites
 from .errors import LimeError
-from .injection import lime_state, limeify, routers, unlimeify
+from .injection import lime_state, limeify, router_prefix, routers, unlimeify
 from .files import staged_directory
 from .persistence import CONFIG_NAME, load_lime, write_lime
 from .routers import MECHANISMS, ROUTER_ATTR
+from .sites import shared_attention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -229,9 +230,10 @@ def load_state_routers(model: nn.Module, tensors: dict[str, torch.Tensor]) -> nn
     routers have exactly these tensor names and shapes.
     """
     sites = discover_sites(model)
+    shared = shared_attention(sites)
     by_site = {}
     for site in sites:
-        prefix = f"{site.attention}.{ROUTER_ATTR}." if site.attention else f"{ROUTER_ATTR}."
+        prefix = router_prefix(site, site.attention in shared)
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if own:
             by_site[site.layer] = own

@@ -74,8 +74,14 @@ class _Graph:
         self.root = gm if root is None else root
         self._leaf_weight: dict[str, bool] = {}
         self.attentions: list[_Attention] | None = None
+        self.call_counts: dict[str, int] = {}
         self.module_paths: dict[fx.Node, tuple[str, ...]] = {}
-        self.module_output: dict[str, fx.Node] = {}
+        # Which call of each enclosing module a node runs in: a module run several times in
+        # one forward (ALBERT's shared layer) has an output, and a site, per call.
+        self.module_calls: dict[fx.Node, dict[str, int]] = {}
+        self.module_keys: dict[fx.Node, tuple[str, ...]] = {}
+        self.module_output: dict[tuple[str, int], fx.Node] = {}
+        fx_calls: dict[str, int] = {}
         if kind == "fx":
             # Record tensor values so walks follow data, not the size arithmetic fx also traces.
             ShapeProp(gm).propagate(*run_args)
@@ -88,13 +94,23 @@ class _Graph:
                 self.floats.add(node)
             if kind == "fx":
                 paths = (node.target,) if node.op == "call_module" else ()
+                keys = paths
+                if paths:
+                    fx_calls[node.target] = fx_calls.get(node.target, -1) + 1
+                calls = {path: fx_calls[path] for path in paths}
             else:
                 stack = node.meta.get("nn_module_stack") or {}
                 paths = tuple(path for path, _ in stack.values())
+                keys = tuple(stack)
+                # export names a module's later calls "<key>@1", "<key>@2", ...
+                calls = {path: int(key.rpartition("@")[2]) if key.rpartition("@")[2].isdigit() else 0
+                         for key, (path, _) in stack.items()}
             self.module_paths[node] = paths
+            self.module_keys[node] = keys
+            self.module_calls[node] = calls
             if node in self.floats:
                 for path in paths:
-                    self.module_output[path] = node
+                    self.module_output[path, calls[path]] = node
 
     def data_inputs(self, node: fx.Node) -> list[fx.Node]:
         return [m for m in node.all_input_nodes if m in self.floats]
@@ -123,6 +139,14 @@ class _Graph:
             return self._is_param(n.args[0], depth + 1)
         return False
 
+    def _is_attr(self, n: fx.Node, depth: int = 0) -> bool:
+        """A module's own tensor (a weight, a table of positions), not data flowing through it:
+        an embedding of positions (RoFormer's rotary table) reads no activation."""
+        if n.op == "get_attr":
+            return True
+        return depth < 3 and n.op == "call_function" and n.target in _LAYOUT_ATEN and isinstance(n.args[0], fx.Node) \
+            and self._is_attr(n.args[0], depth + 1)
+
     def projection_module(self, n: fx.Node) -> str | None:
         """Path of the module a parameterised projection node belongs to, else None."""
         if self.kind == "fx":
@@ -136,7 +160,8 @@ class _Graph:
         if n.op != "call_function":
             return None
         paths = self.module_paths[n]
-        if n in self.floats and paths and self._is_leaf_with_weight(paths[-1]) and self.data_inputs(n):
+        if n in self.floats and paths and self._is_leaf_with_weight(paths[-1]) and any(
+                not self._is_attr(m) for m in self.data_inputs(n)):
             return paths[-1]
         if n.target in _PROJ_ATEN and any(self._is_param(a) for a in n.args):
             return paths[-1] if paths else ""
@@ -221,15 +246,15 @@ def _operands(node: fx.Node | None) -> tuple[Any, Any] | None:
     return (args[0], args[1]) if len(args) >= 2 else None
 
 
-def _producer(g: _Graph, start: fx.Node, attention_paths: tuple[str, ...], role: str, index: int) -> str:
-    """The module enclosing the parameterised projections that feed ``start``."""
-    projections: set[str] = set()
+def _producer(g: _Graph, start: fx.Node, attention_paths: tuple[str, ...], role: str, index: int) -> tuple[str, int]:
+    """The module enclosing the parameterised projections that feed ``start``, and which of its calls."""
+    projections: dict[str, fx.Node] = {}
     frontier, seen = [start], {start}
     while frontier:
         node = frontier.pop()
         path = g.projection_module(node)
         if path is not None:
-            projections.add(path)
+            projections[path] = node
             continue
         for m in g.data_inputs(node):
             if m not in seen:
@@ -241,13 +266,14 @@ def _producer(g: _Graph, start: fx.Node, attention_paths: tuple[str, ...], role:
             "pass LimeConfig(sites=[AttentionSite(...)]) naming the module that produces it"
         )
     path = _common_prefix([p.split(".") for p in projections])
-    if not path or path in attention_paths or path not in g.module_output:
+    call = g.module_calls[next(iter(projections.values()))].get(path, 0)
+    if not path or path in attention_paths or (path, call) not in g.module_output:
         raise LimeError(
             f"attention op #{index}: its {role} input comes from several projections "
             f"({sorted(projections)}) with no separate module producing {role}; wrap the "
             f"{role} projection in its own nn.Linear or pass LimeConfig(sites=...)"
         )
-    return path
+    return path, call
 
 
 class _Probe(fx.Interpreter):
@@ -312,6 +338,9 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Graph:
         run_args = [bound.arguments[n.target] for n in gm.graph.nodes if n.op == "placeholder"]
         graph = _Graph(gm, run_args, "fx")
         if _find_attention(graph):
+            # fx inlines every module it does not keep as a leaf, so which ran (and how often)
+            # comes from one eager run.
+            graph.call_counts = _call_counts(model, args, kwargs)
             return graph
     except Exception:  # fx cannot trace most transformers models; export handles them
         pass
@@ -434,7 +463,7 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
     try:
         with torch.no_grad(), _undispatched(model):
             parts = _trace_parts(model, args, kwargs)
-        ops: list[AttentionSite | _Unresolved] = []
+        ops: list[_Found | _Unresolved] = []
         for prefix, graph in parts:
             ops += [_prefixed(op, prefix) for op in _graph_ops(graph)]
         if not ops:
@@ -502,10 +531,24 @@ class _Unresolved:
     error: LimeError
 
 
-def _graph_ops(graph: _Graph) -> list[AttentionSite | _Unresolved]:
+@dataclass(frozen=True)
+class _Found:
+    """A resolved attention op: its site, the shapes of its raw K and V (the layers of one stack
+    must share them), and the modules it ran in as ``(call key, path)``, outermost first."""
+
+    site: AttentionSite
+    shapes: tuple
+    chain: tuple[tuple[str, str], ...]
+
+    @property
+    def attention(self) -> str:
+        return self.site.attention
+
+
+def _graph_ops(graph: _Graph) -> list[_Found | _Unresolved]:
     """Each attention op of one graph, in forward order, as a site or the reason it is none."""
     attentions = _find_attention(graph)
-    ops: list[AttentionSite | _Unresolved | None] = [None] * len(attentions)
+    ops: list[_Found | _Unresolved | None] = [None] * len(attentions)
     producers = {}
     for i, att in enumerate(attentions):
         att_paths = graph.module_paths.get(att.key, ())
@@ -524,12 +567,43 @@ def _graph_ops(graph: _Graph) -> list[AttentionSite | _Unresolved]:
                 failed = _explained(exc, "re-running the traced graph to see which features reach K and V")
                 return [op or _Unresolved(_op_path(graph, attentions[i]), failed) for i, op in enumerate(ops)]
             used: dict = {}
-            for i, (k_path, v_path) in producers.items():
+            for i, (k, v) in producers.items():
                 try:
-                    ops[i] = _site(graph, i, attentions[i], k_path, v_path, probe.values, used)
+                    site = _site(graph, i, attentions[i], k, v, probe.values, used)
                 except Exception as exc:
-                    ops[i] = _Unresolved(_common_parent(k_path, v_path), _explained(exc, f"attention op #{i}"))
+                    ops[i] = _Unresolved(_common_parent(k[0], v[0]), _explained(exc, f"attention op #{i}"))
+                    continue
+                k_raw, v_raw = (probe.values[graph.module_output[p]] for p in (k, v))
+                shapes = (tuple(k_raw.shape[:-1]), site.num_kv_heads, site.head_dim,
+                          tuple(v_raw.shape[:-1]), site.v_head_dim)
+                ops[i] = _Found(site, shapes, _chain(graph, [attentions[i].key, graph.module_output[k], graph.module_output[v]]))
     return ops
+
+
+def _chain(graph: _Graph, nodes: list[fx.Node]) -> tuple[tuple[str, str], ...]:
+    """The modules (with which of their calls) that ``nodes`` all ran in, from the graph's root.
+
+    export keys a module's later calls ``@1``, ``@2``. A plain fx trace keeps only leaf
+    modules: there the chain is the ancestors of the nodes' modules that ran once.
+    """
+    if graph.kind == "export":
+        chains = [list(zip(graph.module_keys[n], graph.module_paths[n])) for n in nodes]
+    else:
+        paths = [p for n in nodes for p in graph.module_paths[n]]
+        parts = _common_prefix([p.split(".") for p in paths]).split(".") if paths else []
+        chains = [[]]
+        for i in range(1, len(parts) + 1):
+            path = ".".join(parts[:i])
+            if graph.call_counts.get(path, 0) > 1:
+                break
+            if graph.call_counts.get(path) == 1:
+                chains[0].append((path, path))
+    common = [("", "")]
+    for links in zip(*chains):
+        if len(set(links)) != 1:
+            break
+        common.append(links[0])
+    return tuple(common)
 
 
 def _explained(exc: Exception, what: str) -> LimeError:
@@ -551,14 +625,17 @@ def _op_path(graph: _Graph, att: _Attention) -> str:
     return paths[-1] if paths else ""
 
 
-def _prefixed(op: AttentionSite | _Unresolved, prefix: str) -> AttentionSite | _Unresolved:
+def _prefixed(op: _Found | _Unresolved, prefix: str) -> _Found | _Unresolved:
     if not prefix:
         return op
     join = lambda path: f"{prefix}.{path}" if path else prefix  # noqa: E731
     if isinstance(op, _Unresolved):
         return _Unresolved(join(op.attention), op.error)
-    return replace(op, attention=join(op.attention), key=replace(op.key, module=join(op.key.module)),
-                   value=replace(op.value, module=join(op.value.module)))
+    site = replace(op.site, attention=join(op.attention), key=replace(op.site.key, module=join(op.site.key.module)),
+                   value=replace(op.site.value, module=join(op.site.value.module)))
+    # The part's root ran once within the model's one call.
+    chain = (("", ""),) + tuple((join(key), join(path)) for key, path in op.chain)
+    return replace(op, site=site, chain=chain)
 
 
 def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, _Graph]]:
@@ -602,6 +679,22 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     return [(path, graph) for _, path, graph in sorted(parts, key=lambda part: part[0])]
 
 
+def _call_counts(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, int]:
+    """How often each submodule runs in one eager forward."""
+    counts: dict[str, int] = {}
+    handles = []
+    for path, module in model.named_modules():
+        def count(mod, a, path=path):
+            counts[path] = counts.get(path, 0) + 1
+        handles.append(module.register_forward_pre_hook(count))
+    try:
+        model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
+
+
 def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[int, tuple, dict]]:
     """Each submodule's first call in one eager run: its order and the (args, kwargs) it got."""
     calls: dict[str, tuple[int, tuple, dict]] = {}
@@ -619,25 +712,59 @@ def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tupl
     return calls
 
 
-def assign_stacks(model: nn.Module, ops: list) -> list[AttentionSite]:
+def assign_stacks(model: nn.Module, ops: list[_Found | _Unresolved]) -> list[AttentionSite]:
     """Group attention ops (in forward order) into stacks and number them; see :func:`stack_names`.
 
-    An op whose producers could not be named is dropped when it is alone in its stack (a
-    stack's first layer has no router, so LIMe does not change it), and otherwise raises.
+    Layers of one named stack whose raw K/V differ in shape (windowed and global attention,
+    pooled tokens, sliding and full layers with other head sizes) cannot mix: each shape is a
+    stack of its own, named ``<stack>#1``, ``#2``, ... after the first. An op whose producers
+    could not be named is dropped when it is alone in its stack (a stack's first layer has no
+    router, so LIMe does not change it), and otherwise raises. Each stack's ``enclosing`` is
+    the deepest module one call of which ran all its layers (where its per-call value cache
+    opens): the model may call a stack's layers without calling their container's parent.
     """
-    names = stack_names(model, [op.attention for op in ops])
+    # Two attention ops in one module with K/V of their own (LiLT's text and layout streams)
+    # are two stacks: name those by their K producer instead.
+    producers: dict[str, set] = {}
+    for op in ops:
+        if isinstance(op, _Found):
+            producers.setdefault(op.attention, set()).add(op.site.key.module)
+    names = stack_names(model, [op.site.key.module if isinstance(op, _Found) and len(producers[op.attention]) > 1
+                                else op.attention for op in ops])
+    shapes: dict[str, list[tuple]] = {}
+    for i, op in enumerate(ops):
+        if isinstance(op, _Found):
+            seen = shapes.setdefault(names[i], [])
+            if op.shapes not in seen:
+                seen.append(op.shapes)
+            k = seen.index(op.shapes)
+            names[i] = f"{names[i]}#{k}" if k else names[i]
     sizes: dict[str, int] = {}
     for name in names:
         sizes[name] = sizes.get(name, 0) + 1
-    sites, depth = [], {}
+    found: dict[str, list[_Found]] = {}
     for op, name in zip(ops, names):
         if isinstance(op, _Unresolved):
             if sizes[name] == 1:
                 continue
             raise LimeError(f"stack {name!r}, attention at {op.attention or 'the top level'}: {op.error}") from op.error
-        depth[name] = depth.get(name, -1) + 1
-        sites.append(replace(op, layer=len(sites), stack=name, depth=depth[name]))
+        found.setdefault(name, []).append(op)
+    enclosing = {name: _enclosing(members) for name, members in found.items()}
+    sites, depth = [], {}
+    for op, name in zip(ops, names):
+        if isinstance(op, _Found):
+            depth[name] = depth.get(name, -1) + 1
+            sites.append(replace(op.site, layer=len(sites), stack=name, depth=depth[name], enclosing=enclosing[name]))
     return sites
+
+
+def _enclosing(members: list[_Found]) -> str:
+    common = ""
+    for links in zip(*(m.chain for m in members)):
+        if len(set(links)) != 1:
+            break
+        common = links[0][1]
+    return common
 
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
@@ -693,9 +820,10 @@ def _common_prefix(paths: list[list[str]]) -> str:
     return ".".join(common)
 
 
-def _site(graph: _Graph, i: int, att: _Attention, k_path: str, v_path: str, values: dict, used: dict) -> AttentionSite:
-    k_leaf = values[graph.module_output[k_path]]
-    v_leaf = values[graph.module_output[v_path]]
+def _site(graph: _Graph, i: int, att: _Attention, k: tuple[str, int], v: tuple[str, int], values: dict, used: dict) -> AttentionSite:
+    (k_path, k_call), (v_path, v_call) = k, v
+    k_leaf = values[graph.module_output[k]]
+    v_leaf = values[graph.module_output[v]]
     key = KVSource(k_path, *_feature_slice(k_leaf, values[att.key], f"attention #{i} key"))
     value = KVSource(v_path, *_feature_slice(v_leaf, values[att.value], f"attention #{i} value"))
     q = values[att.query]
@@ -711,10 +839,10 @@ def _site(graph: _Graph, i: int, att: _Attention, k_path: str, v_path: str, valu
             f"attention #{i}: K has {k_width} features and V {v_width}, not a whole number of "
             f"heads of size {d}/{dv} each with equal head counts; pass LimeConfig(sites=...)"
         )
-    for src in (key, value):
-        if (src.module, src.start) in used and used[src.module, src.start] != i:
-            raise LimeError(f"the output {src.module} feeds two attention ops (#{used[src.module, src.start]} and #{i}); not supported")
-        used[src.module, src.start] = i
+    for src, call in ((key, k_call), (value, v_call)):
+        if (src.module, call, src.start) in used and used[src.module, call, src.start] != i:
+            raise LimeError(f"the output {src.module} feeds two attention ops (#{used[src.module, call, src.start]} and #{i}); not supported")
+        used[src.module, call, src.start] = i
     return AttentionSite(
         layer=i,
         attention=_common_parent(k_path, v_path),

@@ -22,8 +22,8 @@ from .mixing import record
 from .config import LimeConfig
 from .discovery import discover_sites, execution_devices
 from .errors import LimeError
-from .routers import MECHANISMS, ROUTER_ATTR, Router
-from .sites import AttentionSite, format_sites, stacks_of
+from .routers import MECHANISMS, ROUTER_ATTR, CallRouters, Router
+from .sites import AttentionSite, format_sites, shared_attention, stacks_of
 
 STATE_ATTR = "_lime_state"
 
@@ -40,6 +40,10 @@ class _Entry:
     heads: int
     attention: nn.Module
     routed: bool
+    # The producer's call this entry is for, and whether its router sits in a CallRouters
+    # (a module running several layers of its stack).
+    call: int = 0
+    shared: bool = False
 
 
 class LimeState:
@@ -140,9 +144,20 @@ class _ProducerHook:
     """
 
     def __init__(self, tracker: CallTracker, entries: list[_Entry], parent: nn.Module, name: str, module: nn.Module) -> None:
+        by_call: dict[int, list[_Entry]] = {}
+        for e in entries:
+            by_call.setdefault(e.call, []).append(e)
+        calls = [sorted(by_call[c], key=lambda e: (e.start or 0)) for c in sorted(by_call)]
+        layout = [(e.role, e.start, e.end, e.blocks, e.step) for e in calls[0]]
+        if any([(e.role, e.start, e.end, e.blocks, e.step) for e in c] != layout for c in calls):
+            raise LimeError(f"{name} runs several attention layers but with different K/V slices; give each call the same slices")
+        entries = calls[0]
+        # A module run for several layers of its stack: the i-th call in a forward mixes for
+        # the i-th of them (its own depth and router); the layout is the same for all.
+        self.calls = calls if len(calls) > 1 else None
         self.whole = len(entries) == 1 and entries[0].start is None
         self.tracker = tracker
-        self.entries = entries if self.whole else sorted(entries, key=lambda e: e.start)
+        self.entries = entries
         self.parent, self.name, self.module = parent, name, module
         # A fused output (e.g. GPT-2's qkv) is cut once with split, not sliced per K/V: the
         # backward of one split is one concatenation, where each slice's backward would
@@ -165,11 +180,21 @@ class _ProducerHook:
                 self.sizes.append(e.end - e.start)
                 self.covered = e.end
 
-    def __call__(self, mod: nn.Module, args: tuple, output: Any) -> torch.Tensor:
+    def __call__(self, mod: nn.Module, args: tuple, output: Any) -> Any:
+        if isinstance(output, (tuple, list)):
+            # A projection returning extras beside its output (I-BERT's quantized linear returns
+            # (output, scaling factor)): K/V are its one matrix-shaped output.
+            at = [i for i, t in enumerate(output) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2]
+            if len(at) != 1:
+                raise LimeError(f"{self.name} returned {len(output)} values, not one output holding K/V; "
+                                "pass LimeConfig(sites=...) naming a module that returns K/V")
+            mixed = self(mod, args, output[at[0]])
+            return type(output)(mixed if i == at[0] else t for i, t in enumerate(output))
         hidden = args[0] if args else None
         cache = self.tracker.current(self.entries[0].depth, mod, args)
+        entries = self.entries if self.calls is None else self.calls[self.tracker.call_index(cache, self, len(self.calls), args)]
         if self.whole:
-            return self._mix(self.entries[0], output, hidden, cache)
+            return self._mix(entries[0], output, hidden, cache)
         lead, features = output.shape[:-1], output.shape[-1]
         if self.blocks > 1:
             if features != self.blocks * self.step:
@@ -179,7 +204,7 @@ class _ProducerHook:
         if tail < 0:
             raise LimeError(f"{self.name} produced {output.shape[-1]} features, but its K/V slices end at {self.covered}")
         pieces = list(output.split(self.sizes + [tail] if tail else self.sizes, dim=-1))
-        for e, i in zip(self.entries, self.pieces):
+        for e, i in zip(entries, self.pieces):
             piece = pieces[i] if self.blocks == 1 else pieces[i].reshape(*lead, -1)
             mixed = self._mix(e, piece, hidden, cache)
             pieces[i] = mixed if self.blocks == 1 else mixed.view(*lead, self.blocks, -1)
@@ -188,7 +213,8 @@ class _ProducerHook:
 
     def _mix(self, e: _Entry, raw: torch.Tensor, hidden: torch.Tensor | None, cache: ValueCache) -> torch.Tensor:
         if e.routed:
-            return e.attention._modules[ROUTER_ATTR](raw, cache, e.role, hidden)
+            router = e.attention._modules[ROUTER_ATTR]
+            return router(raw, cache, e.role, hidden, str(e.layer)) if e.shared else router(raw, cache, e.role, hidden)
         return record(raw, cache, e.role, e.depth, e.heads)
 
 
@@ -207,7 +233,13 @@ class _CallBoundary:
 
 
 def _enclosing_module(model: nn.Module, sites: list[AttentionSite]) -> nn.Module:
-    """Deepest module that is called once per forward and contains every attention layer."""
+    """Deepest module that is called once per forward and contains every attention layer.
+
+    A stack whose sites say ``enclosing`` (a module running several of its layers) uses that.
+    """
+    named = {s.enclosing for s in sites if s.enclosing is not None}
+    if named:
+        return _resolve(model, named.pop(), "enclosing module")
     paths = [s.key.module.split(".") for s in sites] + [s.value.module.split(".") for s in sites]
     common = []
     for items in zip(*paths):
@@ -254,6 +286,34 @@ def _validate_sites(model: nn.Module, sites: list[AttentionSite]) -> None:
             out = getattr(mod, "out_features", None) or getattr(mod, "nf", None)
             if out is not None and last > out:
                 raise LimeError(f"site {i}: {role} needs {last} output features but {src.module} has {out}")
+    _validate_shared(model, sites)
+
+
+def _validate_shared(model: nn.Module, sites: list[AttentionSite]) -> None:
+    """Sites with the same K/V producers must be successive calls of them in one stack, which
+    names the module whose one call runs them all."""
+    by_producers: dict[tuple, list[AttentionSite]] = {}
+    for site in sites:
+        by_producers.setdefault((site.key.module, site.value.module), []).append(site)
+    repeated = {id(s) for group in by_producers.values() if len(group) > 1 for s in group}
+    for group in by_producers.values():
+        if len(group) > 1 and (len({s.stack for s in group}) > 1 or len({(s.key, s.value) for s in group}) > 1):
+            raise LimeError(
+                f"sites {[s.layer for s in group]} share their K/V producers but not one stack and the same "
+                "K/V features; sites of one producer must be its successive calls in one stack"
+            )
+    for name, group in stacks_of(sites).items():
+        named = {s.enclosing for s in group if s.enclosing is not None}
+        if len(named) > 1:
+            raise LimeError(f"stack {name or '(model)'!r}: its sites name different enclosing modules {sorted(named)}")
+        if not named and any(id(s) in repeated for s in group):
+            raise LimeError(
+                f"stack {name or '(model)'!r} runs one attention module for several layers, so limeify needs the "
+                "module whose single call runs them all (where each call's value cache opens): give its sites "
+                "AttentionSite(..., enclosing='<path, e.g. encoder>'); discovery fills it in from torch.export"
+            )
+        if named:
+            _resolve(model, next(iter(named)), f"stack {name or '(model)'!r}: enclosing module")
 
 
 def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: Any = None) -> nn.Module:
@@ -277,7 +337,7 @@ def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: 
     for site in sites:
         owner = _resolve(model, site.attention, "attention module")
         if ROUTER_ATTR in owner._modules:
-            raise LimeError(f"{site.attention} already has a {ROUTER_ATTR!r}; two sites cannot share an attention module")
+            raise LimeError(f"{site.attention} already has a {ROUTER_ATTR!r}; remove it (or unlimeify) first")
 
     state = LimeState(config, sites, router_layers)
     state.owner = model
@@ -304,15 +364,20 @@ def _install(model: nn.Module, state: LimeState) -> None:
     params = next((p for p in model.parameters() if p.is_floating_point()), None)
     mechanism = MECHANISMS[config.mechanism]
     owners = {site.layer: _resolve(model, site.attention, "attention module") for site in sites}
-    if len(set(map(id, owners.values()))) != len(owners):
-        raise LimeError("two attention sites share one attention module; pass distinct LimeConfig(sites=...)")
+    shared = shared_attention(sites)
     dtype = config.resolve_router_dtype(params.dtype if params is not None else torch.float32)
     executes_on = execution_devices(model)
     for layer in state.router_layers:
         router: Router = mechanism(sites[layer].position, sites[layer], config.init, **config.mechanism_kwargs)
         router.to(device=_router_device(model, sites[layer], executes_on, params), dtype=dtype)
-        owners[layer].add_module(ROUTER_ATTR, router)
-        state.router_owners[layer] = owners[layer]
+        owner = owners[layer]
+        if sites[layer].attention in shared:
+            if ROUTER_ATTR not in owner._modules:
+                owner.add_module(ROUTER_ATTR, CallRouters())
+            owner._modules[ROUTER_ATTR].add_module(str(layer), router)
+        else:
+            owner.add_module(ROUTER_ATTR, router)
+        state.router_owners[layer] = owner
 
     _bind_producers(model, state)
 
@@ -339,17 +404,20 @@ def _router_device(model: nn.Module, site: AttentionSite, executes_on: dict, par
 def _bind_producers(model: nn.Module, state: LimeState) -> None:
     """Hook whatever module now sits at each producer path (a PEFT wrapper after get_peft_model)."""
     routed = set(state.router_layers)
+    shared = shared_attention(state.sites)
     by_module: dict[str, list[_Entry]] = {}
     stack_of: dict[str, set[str]] = {}
+    calls: dict[tuple[str, str], int] = {}
     for site in state.sites:
         owner = _resolve(model, site.attention, "attention module")
         for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
+            call = calls[src.module, role] = calls.get((src.module, role), -1) + 1
             entry = _Entry(role, site.layer, site.position, src.start, src.end, src.blocks, src.step, site.num_kv_heads,
-                           owner, site.layer in routed)
+                           owner, site.layer in routed, call, site.attention in shared)
             by_module.setdefault(src.module, []).append(entry)
             stack_of.setdefault(src.module, set()).add(site.stack)
     for path, entries in by_module.items():
-        if any(e.start is None for e in entries) and len(entries) > 1:
+        if any(e.start is None for e in entries) and len({e.role for e in entries}) > 1:
             raise LimeError(f"{path} is both K and V of a site with no slices; give K and V slices in LimeConfig(sites=...)")
         if len(stack_of[path]) > 1:
             raise LimeError(f"{path} produces K/V for two stacks ({sorted(stack_of[path])}); give each stack its own producers")
@@ -429,7 +497,17 @@ def active_router(module: nn.Module) -> Router:
 def routers(model: nn.Module) -> dict[int, Router]:
     """Routers in layer order, as ``{layer: router}``."""
     state = lime_state(model)
-    return {layer: active_router(owner._modules[ROUTER_ATTR]) for layer, owner in sorted(state.router_owners.items())}
+    found = {}
+    for layer, owner in sorted(state.router_owners.items()):
+        router = active_router(owner._modules[ROUTER_ATTR])
+        found[layer] = router[str(layer)] if isinstance(router, CallRouters) else router
+    return found
+
+
+def router_prefix(site: AttentionSite, shared: bool) -> str:
+    """Where a site's router tensors sit in the model's state_dict (``<attention>.lime_router.``)."""
+    path = f"{site.attention}.{ROUTER_ATTR}." if site.attention else f"{ROUTER_ATTR}."
+    return f"{path}{site.layer}." if shared else path
 
 
 def attention_sites(model: nn.Module) -> list[AttentionSite]:

@@ -124,7 +124,8 @@ def add_weighted_adapter(peft_model: PeftModel, adapters: list[str], weights: li
         )
     if len(adapters) != len(weights):
         raise LimeError(f"{len(adapters)} adapters but {len(weights)} weights")
-    wrappers = [owner._modules[ROUTER_ATTR] for owner in state.router_owners.values()]
+    # A module running several layers holds all their routers in one wrapper: count it once.
+    wrappers = list({id(w): w for w in (owner._modules[ROUTER_ATTR] for owner in state.router_owners.values())}.values())
     if not all(isinstance(getattr(w, "modules_to_save", None), nn.ModuleDict) for w in wrappers):
         raise LimeError("the routers are not PEFT modules_to_save; wrap the model with limeify.get_lime_peft_model and a LoraConfig")
     # PEFT refuses to combine adapters with router copies on one module: while it combines the
@@ -142,5 +143,5 @@ def add_weighted_adapter(peft_model: PeftModel, adapters: list[str], weights: li
     for w, copies in zip(wrappers, sources):
         w.update(adapter_name)
         with torch.no_grad():
-            combined = sum(weight * copies.get(a, w.original_module).weight for a, weight in zip(adapters, weights))
-            w.modules_to_save[adapter_name].weight.copy_(combined)
+            for name, target in w.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                target.copy_(sum(weight * copies.get(a, w.original_module).state_dict()[name] for a, weight in zip(adapters, weights)))

@@ -146,9 +146,12 @@ def _check_depth(model: nn.Module, sites: list[AttentionSite], directory, sharde
     except AttributeError:
         return  # limeify's site validation names the missing module
     found = sum(type(m) is kind for m in model.modules())
-    if found != len(sites):
+    # A module running several layers is one module (a deeper model makes it run more often,
+    # which its hooks refuse at the first forward).
+    modules = len({s.attention for s in sites})
+    if found != modules:
         raise LimeError(
-            f"the adapter in {directory} was saved for {len(sites)} attention layers but the model has "
+            f"the adapter in {directory} was saved for {modules} attention modules but the model has "
             f"{found} {kind.__name__} modules; "
             + ("load it into the base model before fully_shard, with verify_sites=True, to check the model properly"
                if sharded else "load it with verify_sites=True to check the model properly")

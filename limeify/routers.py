@@ -66,6 +66,24 @@ class Router(nn.Module):
         return f"layer={self.layer}, kv_heads={self.num_kv_heads}"
 
 
+class CallRouters(nn.Module):
+    """The routers of an attention module with several sites, named by layer.
+
+    A module may run several layers of its stack (ALBERT's shared layer, a looped block: a
+    site per call), or hold two attention ops (LiLT's text and layout streams). It sits where
+    a single router would (``<attention>.lime_router``), so its routers read as
+    ``<attention>.lime_router.<layer>.weight`` and PEFT's wrappers copy them together (a plain
+    module, not a ``ModuleDict``, which PEFT refuses to wrap); the producer hook passes the
+    layer it mixes for.
+    """
+
+    def __getitem__(self, layer: str) -> Router:
+        return self._modules[layer]
+
+    def forward(self, raw: torch.Tensor, cache: ValueCache, role: str, hidden: torch.Tensor, layer: str) -> torch.Tensor:
+        return self._modules[layer](raw, cache, role, hidden)
+
+
 def identity_block(layer: int, heads: int, dtype=None, device=None) -> torch.Tensor:
     """``[G, (layer+1)G]`` zeros with the identity on the current layer's block."""
     w = torch.zeros(heads, (layer + 1) * heads, dtype=dtype, device=device)

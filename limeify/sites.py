@@ -45,6 +45,11 @@ class AttentionSite:
     a model with one stack, where ``depth == layer``. ``attention`` is the module the router is
     registered on (the closest common parent of the K and V producers). The raw K (and V)
     output of ``key`` (``value``) is laid out as ``[..., num_kv_heads, head_dim]``.
+
+    One module may run several layers of a stack (ALBERT's shared layer, a looped block): each
+    of its calls is a site of its own, with its own depth and router, and the i-th site with
+    its K/V producers in forward order is their i-th call. Such a stack names in ``enclosing`` the module whose one
+    call runs all of them (e.g. the encoder), where its per-call value cache opens.
     """
 
     layer: int
@@ -58,6 +63,7 @@ class AttentionSite:
     hidden_size: int | None = None
     stack: str = ""
     depth: int | None = None
+    enclosing: str | None = None
 
     @property
     def position(self) -> int:
@@ -93,6 +99,15 @@ def stacks_of(sites: list[AttentionSite]) -> dict[str, list[AttentionSite]]:
     for site in sites:
         groups.setdefault(site.stack, []).append(site)
     return groups
+
+
+def shared_attention(sites: list[AttentionSite]) -> set[str]:
+    """Attention modules with several sites: run for several layers, or holding several attention ops."""
+    seen: set[str] = set()
+    shared = set()
+    for site in sites:
+        (shared if site.attention in seen else seen).add(site.attention)
+    return shared
 
 
 def format_sites(sites: list[AttentionSite]) -> str:

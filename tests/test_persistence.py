@@ -184,6 +184,6 @@ def test_load_without_retracing_uses_saved_sites(tmp_path, monkeypatch):
 
     deeper = make_llama(layers=4)
     snap = _state(deeper)
-    with pytest.raises(LimeError, match="saved for 3 attention layers but the model has 4"):
+    with pytest.raises(LimeError, match="saved for 3 attention modules but the model has 4"):
         limeify.load_lime(deeper, tmp_path, verify_sites=False)
     assert _unchanged(deeper, snap) and not limeify.is_limeified(deeper)
