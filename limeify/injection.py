@@ -22,6 +22,7 @@ from .mixing import record
 from .config import LimeConfig
 from .discovery import discover_sites, execution_devices
 from .errors import LimeError
+from . import restructure
 from .routers import MECHANISMS, ROUTER_ATTR, CallRouters, Router
 from .sites import AttentionSite, format_sites, shared_attention, stacks_of
 
@@ -104,6 +105,8 @@ class LimeState:
             if ROUTER_ATTR in owner._modules:
                 del owner._modules[ROUTER_ATTR]
         self.router_owners.clear()
+        if self.owner is not None:
+            restructure.restore(self.owner)
 
 
 def get_state(model: nn.Module) -> LimeState | None:
@@ -331,13 +334,20 @@ def limeify(model: nn.Module, config: LimeConfig | None = None, example_inputs: 
     config = config or LimeConfig()
     if is_limeified(model):
         raise LimeError("model is already limeified; call limeify.unlimeify(model) first to start over")
-    sites = list(config.sites) if config.sites is not None else discover_sites(model, example_inputs)
-    _validate_sites(model, sites)
-    router_layers = config.router_layers(sites)
-    for site in sites:
-        owner = _resolve(model, site.attention, "attention module")
-        if ROUTER_ATTR in owner._modules:
-            raise LimeError(f"{site.attention} already has a {ROUTER_ATTR!r}; remove it (or unlimeify) first")
+    # Modules that hide their K/V projection (nn.MultiheadAttention) expose it before discovery.
+    undo = restructure.expose(model)
+    try:
+        sites = list(config.sites) if config.sites is not None else discover_sites(model, example_inputs)
+        _validate_sites(model, sites)
+        router_layers = config.router_layers(sites)
+        for site in sites:
+            owner = _resolve(model, site.attention, "attention module")
+            if ROUTER_ATTR in owner._modules:
+                raise LimeError(f"{site.attention} already has a {ROUTER_ATTR!r}; remove it (or unlimeify) first")
+        restructure.settle(model, {src.module for site in sites for src in (site.key, site.value)})
+    except BaseException:
+        undo()
+        raise
 
     state = LimeState(config, sites, router_layers)
     state.owner = model
