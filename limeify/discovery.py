@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import LimeError
+from .restructure import expose
 from .sites import AttentionSite, KVSource
 
 aten = torch.ops.aten
@@ -375,33 +376,67 @@ def _image_token_count(model: nn.Module, pixels: torch.Tensor) -> int:
     return feats.numel() // feats.shape[-1] // pixels.shape[0] if feats.dim() == 3 else feats.numel() // feats.shape[-1]
 
 
+def _config_value(config: Any, *names: str) -> Any:
+    """The first of ``names`` set on ``config`` or on one of its sub-configs (vision, audio, backbone)."""
+    subs = [getattr(config, f"{kind}_config", None) for kind in ("vision", "audio", "backbone", "encoder")] + [config]
+    for sub in subs:
+        for name in names:
+            value = getattr(sub, name, None) if sub is not None else None
+            if value is not None:
+                return value
+    return None
+
+
+def _random(shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+
+
+def _non_text_inputs(model: nn.Module, config: Any, params: Any, batch: int, seq_len: int) -> list[dict]:
+    """Candidate pixel and audio inputs, first the likeliest; a layout a config cannot tell
+    (frames before or after mel bins) gives one candidate each."""
+    device, dtype = _param_dtype(model)
+    found: list[dict] = [{}]
+    if "pixel_values" in params:
+        size = _config_value(config, "image_size")
+        if size is not None or not any(n in params for n in ("input_ids", "input_features", "input_values")):
+            # A vision model whose config names no image size (a conv backbone): 64 px divides
+            # the usual patch sizes and strides.
+            size = 64 if size is None else size if isinstance(size, int) else size[0]
+            channels = _config_value(config, "num_channels") or 3
+            found = [{**f, "pixel_values": _random((batch, channels, size, size), device, dtype)} for f in found]
+    bins = _config_value(config, "num_mel_bins", "feature_size", "input_feat_size", "n_mels")
+    if "input_features" in params and bins:
+        # Speech encoders downsample their frames by 2 to at most max_source_positions.
+        frames = 2 * (_config_value(config, "max_source_positions") or 32)
+        found = [{**f, "input_features": _random(shape, device, dtype)}
+                 for f in found for shape in ((batch, bins, frames), (batch, frames, bins))]
+    if "input_values" in params:
+        length = _config_value(config, "max_length")
+        # A spectrogram patch model (frames x mel bins) or raw audio (a conv front end).
+        shapes = [(batch, length, bins)] if length and bins else []
+        found = [{**f, "input_values": _random(shape, device, dtype)} for f in found for shape in shapes + [(batch, 4000)]]
+    return found
+
+
 def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 8) -> Inputs:
     """A tiny input for every stack of a transformers model, built from its config.
 
-    Token ids for a text model, pixels for a vision tower, mel features for a speech encoder,
-    and all of them together where the model takes them: decoder ids of another length for an
-    encoder-decoder, pixels for a dual tower, and for a VLM ids that hold as many image tokens
-    as its ``get_image_features`` returns for one image.
+    Token ids for a text model, pixels for a vision tower, mel features or raw audio for a
+    speech encoder, and all of them together where the model takes them: decoder ids of
+    another length for an encoder-decoder, pixels for a dual tower, and for a VLM ids that
+    hold as many image tokens as its ``get_image_features`` returns for one image. Where the
+    config leaves a layout open, the candidates are run once each and the first that runs wins.
     """
     config = getattr(model, "config", None)
     params = inspect.signature(model.forward).parameters
-    device, dtype = _param_dtype(model)
-    kwargs: dict = {}
+    device, _ = _param_dtype(model)
+    candidates = _non_text_inputs(model, config, params, batch, seq_len) if config is not None else [{}]
+    if len(candidates) > 1:
+        candidates = [next((c for c in candidates if _runs(model, c)), candidates[0])]
+    kwargs: dict = candidates[0]
     if config is not None:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
-        vision = getattr(config, "vision_config", None) or config
-        size = getattr(vision, "image_size", None)
-        if "pixel_values" in params and size is not None:
-            size = size if isinstance(size, int) else size[0]
-            pixels = torch.randn(batch, getattr(vision, "num_channels", 3), size, size, generator=torch.Generator().manual_seed(0))
-            kwargs["pixel_values"] = pixels.to(device=device, dtype=dtype)
-        bins = getattr(config, "num_mel_bins", None)
-        if "input_features" in params and bins:
-            # Speech encoders downsample their frames by 2 to at most max_source_positions.
-            frames = 2 * getattr(config, "max_source_positions", seq_len)
-            feats = torch.randn(batch, bins, frames, generator=torch.Generator().manual_seed(0))
-            kwargs["input_features"] = feats.to(device=device, dtype=dtype)
         if "input_ids" in params and vocab:
             ids = torch.arange(seq_len).remainder(vocab)
             image_token = getattr(config, "image_token_id", None)
@@ -426,10 +461,23 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 8) -
     if not kwargs:
         raise LimeError(
             f"cannot build an example input for {type(model).__name__} (no transformers config with "
-            "input_ids, pixel_values or input_features); pass limeify(model, config, "
+            "input_ids, pixel_values, input_features or input_values); pass limeify(model, config, "
             "example_inputs=(args, kwargs)) or example_inputs=tensor"
         )
     return (), kwargs
+
+
+def _runs(model: nn.Module, kwargs: dict) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _undispatched(model):
+            model(**kwargs)
+        return True
+    except Exception:  # a candidate the model does not take; the next one may fit
+        return False
+    finally:
+        model.train(was_training)
 
 
 def normalize_inputs(example_inputs: Any) -> Inputs:
@@ -460,6 +508,8 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
         kwargs.setdefault("use_cache", False)
     was_training = model.training
     model.eval()
+    # Sites name exposed K/V producers; limeify() exposes them first, so this undoes nothing there.
+    undo = expose(model)
     try:
         with torch.no_grad(), _undispatched(model):
             parts = _trace_parts(model, args, kwargs)
@@ -475,6 +525,7 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
             )
         return assign_stacks(model, ops)
     finally:
+        undo()
         model.train(was_training)
 
 
