@@ -57,13 +57,12 @@ import torch
 import limeify
 from limeify.analysis import plot_router_heatmap, router_heatmap
 from recipes.train_utils import (
-    RecipeRun, Timer, add_optimizer_args, autocast, ema, fmt_mean_std, mean_std, param_groups,
-    recipe_parser, set_seed, train_steps,
+    VARIANT_COLORS, RecipeRun, Timer, add_optimizer_args, apply_variant, autocast, ema, fmt_mean_std, mean_std,
+    param_groups, recipe_parser, set_seed, train_steps, uniform_matrix,
 )
 
 RECIPE = "arithmetic"
 VARIANTS = ("baseline", "lime", "uniform")
-VARIANT_COLORS = {"baseline": "tab:blue", "lime": "tab:orange", "uniform": "tab:green"}
 PAD, EOS, PLUS, MINUS, EQ, DIGIT0 = 0, 1, 2, 3, 4, 5
 VOCAB_SIZE = 16
 IGNORE = -100
@@ -177,23 +176,10 @@ def build_model(args: argparse.Namespace, layers: int):
     return model
 
 
-def uniform_matrix(layer: int, heads: int) -> torch.Tensor:
-    """[G, (layer+1)G]: 1/(layer+1) on each source layer's identity block."""
-    return torch.cat([torch.eye(heads) / (layer + 1)] * (layer + 1), dim=1)
-
-
 def make_variant(variant: str, args: argparse.Namespace, layers: int, seed: int):
     set_seed(seed)
-    model = build_model(args, layers)  # right after seeding: every variant of a seed has the same base init
-    if variant in ("lime", "uniform"):
-        limeify.limeify(model, limeify.LimeConfig(init="paper"))
-    if variant == "uniform":
-        with torch.no_grad():
-            for router in limeify.routers(model).values():
-                w = router.mixing_matrix()
-                w.copy_(uniform_matrix(router.layer, router.num_kv_heads).to(w))
-                w.requires_grad_(False)
-    return model
+    # Built right after seeding: every variant of a seed has the same base init.
+    return apply_variant(build_model(args, layers), variant)
 
 
 def router_checks(model, variant: str, init: list[torch.Tensor]) -> dict:

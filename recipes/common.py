@@ -124,6 +124,13 @@ def split_documents(docs: DocList, every: int = 5) -> tuple[DocList, DocList]:
     return train, held_out
 
 
+def split_train_validation_test(docs: DocList, every: int = 5) -> tuple[DocList, DocList, DocList]:
+    """(train, validation, test) by whole documents: `split_documents` holds out every `every`-th
+    document; the held-out ones alternate between validation (1st, 3rd, ...) and test (2nd, 4th, ...)."""
+    train, held_out = split_documents(docs, every)
+    return train, held_out[0::2], held_out[1::2]
+
+
 def chunk_tokens(tokenizer: Any, docs: DocList, seq_len: int) -> torch.Tensor:
     """Tokenize documents into one stream (EOS between documents) cut into [N, seq_len] chunks.
 

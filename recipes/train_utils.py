@@ -98,8 +98,10 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# The from-scratch variants: the plain model, LIMe with learned routers (the paper's init), and
+# the uniform-averaging control (the same routers fixed to the mean of all earlier layers' K/V).
 VARIANTS = ("baseline", "lime")
-VARIANT_COLORS = {"baseline": "tab:blue", "lime": "tab:orange"}
+VARIANT_COLORS = {"baseline": "tab:blue", "lime": "tab:orange", "uniform": "tab:green"}
 
 
 def add_run_args(parser: argparse.ArgumentParser, seed_help: str = "random seed (data order, init)") -> None:
@@ -255,11 +257,29 @@ def fmt_mean_std(values: Iterable[float], digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def paired_difference(label: str, diffs: Sequence[float], unit: str, better: str) -> dict[str, Any]:
+    """Mean and sample std of per-seed paired differences, with a verdict line saying whether the
+    mean exceeds the spread (|mean| > std). `better` says which sign favours the first named method
+    ("negative" or "positive")."""
+    diffs = [float(d) for d in diffs]
+    mean, std = mean_std(diffs)
+    favours = sum((d < 0) if better == "negative" else (d > 0) for d in diffs)
+    if len(diffs) < 2:
+        verdict = f"{label}: {mean:+.2f}{unit} on one seed (no spread: run --seeds 3 before concluding)."
+    else:
+        beyond = "exceeds" if abs(mean) > std else "does NOT exceed"
+        verdict = (f"{label}: {mean:+.2f} ± {std:.2f}{unit} over {len(diffs)} seeds, {beyond} the spread "
+                   f"({better} = better; better in {favours} of {len(diffs)} seeds).")
+    return {"diffs": diffs, "mean": mean, "std": std, "better_in": favours, "n": len(diffs),
+            "exceeds_spread": len(diffs) > 1 and abs(mean) > std, "verdict": verdict}
+
+
 def plot_panels(path: str | Path, panels: list[dict], suptitle: str = "") -> Path:
     """One PNG with side-by-side panels.
 
     Each panel: {"title", "xlabel", "ylabel", "series": {label: (xs, ys)}, optional
-    "styles": {label: dict of matplotlib kwargs}, optional "logy": bool}.
+    "styles": {label: dict of matplotlib kwargs}, optional "logy": bool}. A series whose ys is a
+    list of runs (one list of values per seed) is drawn as its mean with a ±std band.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -270,7 +290,17 @@ def plot_panels(path: str | Path, panels: list[dict], suptitle: str = "") -> Pat
         ax = fig.add_subplot(1, len(panels), i)
         styles = panel.get("styles", {})
         for label, (xs, ys) in panel["series"].items():
-            ax.plot(list(xs), [float(y) for y in ys], label=label, **styles.get(label, {}))
+            xs, ys = list(xs), list(ys)
+            if ys and isinstance(ys[0], (list, tuple)):  # one run per seed: mean and a ±std band
+                stats = [mean_std(vals) for vals in zip(*ys)]
+                means, stds = [m for m, _ in stats], [sd for _, sd in stats]
+                line, = ax.plot(xs[: len(means)], means, label=f"{label} (mean of {len(ys)})" if len(ys) > 1 else label,
+                                **styles.get(label, {}))
+                if len(ys) > 1:
+                    ax.fill_between(xs[: len(means)], [m - sd for m, sd in zip(means, stds)],
+                                    [m + sd for m, sd in zip(means, stds)], color=line.get_color(), alpha=0.2, linewidth=0)
+            else:
+                ax.plot(xs, [float(y) for y in ys], label=label, **styles.get(label, {}))
         ax.set_title(panel.get("title", ""))
         ax.set_xlabel(panel.get("xlabel", ""))
         ax.set_ylabel(panel.get("ylabel", ""))
@@ -311,6 +341,8 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argpar
                 after: Callable[[int, list[float]], None] | None = None) -> list[float]:
     """The recipes' AdamW loop: warmup + cosine lr (groups carry ``peak_lr``), autocast, optional
     clipping; ``step_loss(step)`` gives the step's loss, ``after(step, losses)`` runs after each step."""
+    for group in opt.param_groups:
+        group.setdefault("peak_lr", group["lr"])
     losses: list[float] = []
     for step in steps:
         f = lr_factor(step, args.max_steps, args.warmup)
@@ -329,26 +361,49 @@ def train_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, args: argpar
     return losses
 
 
+def uniform_matrix(layer: int, heads: int) -> torch.Tensor:
+    """[G, (layer+1)G]: 1/(layer+1) on each source layer's identity block (head g reads head g of
+    layers 0..layer equally)."""
+    return torch.cat([torch.eye(heads) / (layer + 1)] * (layer + 1), dim=1)
+
+
+def apply_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
+    """Turn a freshly built model into a variant, in place: "baseline" leaves it as it is, "lime"
+    limeifies it with the paper's from-scratch init, "uniform" does the same and then fixes every
+    router to `uniform_matrix` and freezes it (the paper's control: reading earlier layers without
+    learning how)."""
+    if variant not in ("baseline", "lime", "uniform"):
+        raise ValueError(f"unknown variant {variant!r}")
+    if variant == "baseline":
+        return model
+    limeify.limeify(model, limeify.LimeConfig(init="paper"))
+    if variant == "uniform":
+        with torch.no_grad():
+            for router in limeify.routers(model).values():
+                w = router.mixing_matrix()
+                w.copy_(uniform_matrix(router.layer, router.num_kv_heads).to(w))
+                w.requires_grad_(False)
+    return model
+
+
 def train_variant(variant: str, seed: int, args: argparse.Namespace, device: torch.device,
                   build: Callable[[], torch.nn.Module], n_examples: int,
                   loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
                   evaluate: Callable[[torch.nn.Module], float], metric: str,
                   betas: tuple[float, float] = (0.9, 0.999)) -> TrainedVariant:
-    """Build one variant ("lime": limeify(init="paper")) and train it for args.max_steps AdamW steps.
+    """Build one variant (see `apply_variant`) and train it for args.max_steps AdamW steps.
 
     `loss_fn(model, example_indices)` runs under autocast. `evaluate(model)` runs at step 0, every
     args.eval_every steps and after the last; `metric` names its value on the progress bar.
     """
     set_seed(seed)
-    model = build()  # right after seeding, so both variants of a seed share the base-weight init
-    if variant == "lime":
-        limeify.limeify(model, limeify.LimeConfig(init="paper"))
+    model = apply_variant(build(), variant)  # right after seeding: every variant of a seed has the same base init
     model.to(device)
     params = sum(p.numel() for p in model.parameters())
-    router_params = sum(p.numel() for p in limeify.router_parameters(model)) if variant == "lime" else 0
+    router_params = sum(p.numel() for p in limeify.router_parameters(model)) if variant != "baseline" else 0
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.weight_decay, args.router_lr if variant == "lime" else None),
                             betas=betas)
-    g = torch.Generator().manual_seed(seed)  # data order: same for both variants of a seed
+    g = torch.Generator().manual_seed(seed)  # data order: the same for every variant of a seed
     need = args.max_steps * args.batch_size
     order = torch.cat([torch.randperm(n_examples, generator=g) for _ in range(math.ceil(need / n_examples))])[:need]
     order = order.view(args.max_steps, args.batch_size)
@@ -389,12 +444,12 @@ class RecipeRun:
                    self.out / "config.json")
 
     def train_variants(self, train_one: Callable[[str, int], tuple[dict, torch.nn.Module]], kv_heads: int,
-                       router_title: str) -> dict[str, list[dict]]:
+                       router_title: str, variants: Sequence[str] = VARIANTS) -> dict[str, list[dict]]:
         """train_one(variant, seed) for every seed and variant. From the first seed it keeps the LIMe
-        router heatmap, the routers (limeify.save_lime) and, unless --no-save, both models' weights."""
-        results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        router heatmap, the routers (limeify.save_lime) and, unless --no-save, every model's weights."""
+        results: dict[str, list[dict]] = {v: [] for v in variants}
         for seed in self.seeds:
-            for variant in VARIANTS:
+            for variant in variants:
                 result, model = train_one(variant, seed)
                 results[variant].append(result)
                 if seed == self.seeds[0]:

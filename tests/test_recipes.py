@@ -63,26 +63,48 @@ def test_help(module, capsys):
 @pytest.mark.real_model
 @needs_smollm2
 def test_finetune_routers_smoke(tmp_path):
-    run = run_recipe("finetune_routers", tmp_path)
+    # The sweep and two seeds, so the lr picks and the paired differences are exercised.
+    run = run_recipe("finetune_routers", tmp_path, "--sweep", "--seeds", "2")
     m = load_metrics(run)
-    assert_png(run / "loss_curves.png")
-    # Identity limeify is function-preserving: same held-out loss as the base model.
-    assert finite(m["base_eval_loss"]) and finite(m["lime_init_eval_loss"])
-    assert m["lime_init_eval_loss"] == pytest.approx(m["base_eval_loss"], abs=1e-6)
+    for name in ("loss_curves.png", "router_heatmap_lime.png", "router_heatmap_lora_lime.png", "router_heatmap_full_lime.png"):
+        assert_png(run / name)
+    # Identity limeify is function-preserving: same test loss as the base model.
+    assert m["lime_init_test_loss"] == pytest.approx(m["base"]["test_loss"], abs=1e-6)
     assert m["lime_init_max_abs_logit_diff"] <= 1e-5
-    assert m["router_params"] == 4176  # 30 layers, 3 KV heads: 9 * (2 + ... + 30)
-    assert set(m["runs"]) == {"lime", "lora", "norm"}
-    for name, r in m["runs"].items():
-        assert finite(r["eval_loss"]), name
-        assert r["train_losses"] and all(finite(x) for x in r["train_losses"]), name
-        assert r["trainable_params"] > 0
-    assert m["runs"]["lime"]["trainable_params"] == m["router_params"]
-    assert abs(m["lora_plan"]["params"] - m["router_params"]) <= m["lora_plan"]["params_per_rank_layer"]
-    assert m["runs"]["lime"]["reload_max_abs_logit_diff"] <= 1e-5
+    routers = 9 * sum(range(2, 31))  # 30 layers, 3 KV heads: layer l has a [3, 3(l+1)] router
+    assert m["router_params"] == routers == 4176
+    methods = ["lime", "lora", "lora+lime", "full", "full+lime", "norm"]
+    assert list(m["runs"]) == methods and m["seeds"] == [0, 1]
+    for method, rs in m["runs"].items():
+        assert [r["seed"] for r in rs] == [0, 1], method
+        for r in rs:
+            assert finite(r["test_loss"]) and r["test_ppl"] == pytest.approx(math.exp(r["test_loss"]))
+            assert r["train_losses"] and all(finite(x) for x in r["train_losses"])
+            assert r["lrs"] == m["chosen_lrs"][method]  # every seed at the lr picked on the first
+    # Each pick is the sweep's lowest validation loss; the +lime methods keep their partner's base lr.
+    for method, tried in m["sweep"].items():
+        assert len(tried) == 2  # --smoke: the first two values of each grid
+        assert m["chosen_lrs"][method] == min(tried, key=lambda t: t["val_loss"])["lrs"]
+    assert m["chosen_lrs"]["lora+lime"]["lr"] == m["chosen_lrs"]["lora"]["lr"]
+    assert m["chosen_lrs"]["full+lime"]["lr"] == m["chosen_lrs"]["full"]["lr"]
+    # Parameter counts from SmolLM2's shapes (hidden 576, KV width 192, 30 layers, 61 RMSNorms).
+    first = {method: rs[0] for method, rs in m["runs"].items()}
+    lora = 8 * 30 * ((576 + 576) + 2 * (576 + 192) + (576 + 576))
+    assert first["lime"]["trainable_params"] == routers and first["norm"]["trainable_params"] == 61 * 576
+    assert first["lora"]["trainable_params"] == lora and first["lora+lime"]["trainable_params"] == lora + routers
+    assert first["full+lime"]["trainable_params"] - first["full"]["trainable_params"] == routers
+    # Paired runs start from the same LoRA init and see the same batches.
+    for a, b in zip(m["runs"]["lora"], m["runs"]["lora+lime"]):
+        assert a["lora_init_sum"] is not None and a["lora_init_sum"] == b["lora_init_sum"]
+    for without, with_ in (("lora", "lora+lime"), ("full", "full+lime")):
+        d = m["paired_test_ppl_difference"][f"{with_}_vs_{without}"]
+        expected = [b["test_ppl"] - a["test_ppl"] for a, b in zip(m["runs"][without], m["runs"][with_])]
+        assert d["diffs"] == pytest.approx(expected) and d["n"] == 2
+    assert first["lime"]["reload_max_abs_logit_diff"] <= 1e-5
     adapter = run / "lime_adapter"
-    assert (adapter / "lime_config.json").is_file() and (adapter / "lime_routers.safetensors").is_file()
-    assert (adapter / "lime_routers.safetensors").stat().st_size < 64 * 1024  # kilobytes
-    assert set(m["samples"]) == {"base", "lime", "lora", "norm"}
+    assert (adapter / "lime_config.json").is_file() and (adapter / "lime_routers.safetensors").stat().st_size < 64 * 1024
+    assert set(m["samples"]) == {"base", *methods}
+    assert "Learning-rate sweep on validation" in (run / "results.md").read_text()
 
 
 @needs_smollm2
@@ -91,14 +113,24 @@ def test_pretrain_small_smoke(tmp_path):
     m = load_metrics(run)
     for name in ("loss_curves.png", "renyi_entropy.png", "router_heatmap.png"):
         assert_png(run / name)
-    for variant in ("baseline", "lime"):
+    assert set(m["runs"]) == {"baseline", "lime", "uniform"}
+    for variant in ("baseline", "lime", "uniform"):
+        assert len(m["runs"][variant]) == 1  # --smoke: one seed
         s = m["summary"][variant]
         assert finite(s["val_loss_mean"]) and finite(s["val_ppl_mean"])
+        assert s["val_ppl_mean"] == pytest.approx(math.exp(s["val_loss_mean"]), rel=1e-6)
         ent = m["renyi_entropy_mean"][variant]
         assert len(ent) == 3 and all(finite(x) for x in ent)  # embeddings + 2 layers in smoke mode
-    assert m["runs"]["lime"][0]["router_params"] > 0 and m["runs"]["baseline"][0]["router_params"] == 0
-    # Same base init and data: the two variants differ only by the routers.
-    assert m["runs"]["lime"][0]["params"] - m["runs"]["baseline"][0]["params"] == m["runs"]["lime"][0]["router_params"]
+    base, lime, uniform = (m["runs"][v][0] for v in ("baseline", "lime", "uniform"))
+    assert lime["router_params"] > 0 and base["router_params"] == 0 and uniform["router_params"] == lime["router_params"]
+    # Same base init and data: the variants differ only by the routers.
+    assert lime["params"] - base["params"] == lime["router_params"] == uniform["params"] - base["params"]
+    # The uniform control ends as it started (the mean of earlier layers, frozen); LIMe's routers train.
+    assert not any(uniform["routers_trainable"]) and uniform["router_max_abs_dev_from_uniform"] <= 1e-7
+    assert all(lime["routers_trainable"]) and lime["router_max_abs_dev_from_uniform"] > 0
+    paired = m["paired_ppl_change_percent"]
+    assert set(paired) == {"lime_vs_baseline", "uniform_vs_baseline", "lime_vs_uniform"}
+    assert paired["lime_vs_baseline"]["diffs"][0] == pytest.approx(100 * (lime["val_ppl"] / base["val_ppl"] - 1))
     assert (run / "checkpoints" / "lime_routers" / "lime_routers.safetensors").is_file()
 
 
@@ -182,27 +214,13 @@ def test_arithmetic_smoke(tmp_path):
         assert diffs[key]["operands"] == m["operand_counts"][-1] and finite(diffs[key]["mean"])
 
 
-def test_lora_plan_matches_router_count():
-    from recipes.finetune_routers import lora_plan
-    from conftest import make_llama
-
-    model = make_llama(layers=4)  # hidden 32, 2 KV heads of 8: q_proj 32->32, v_proj 32->16
-    plan = lora_plan(model, target=300, targets=["q_proj", "v_proj"])
-    assert plan["params_per_rank_layer"] == (32 + 32) + (32 + 16)
-    assert plan["rank"] * len(plan["layers"]) * 112 == plan["params"]
-    assert abs(plan["params"] - 300) <= 112 // 2  # nearest multiple of 112 (336 = 3 layers, rank 1)
-    assert plan["rank"] == 1 and len(plan["layers"]) == 3 and plan["layers"][0] == 0 and plan["layers"][-1] == 3
-
-
-def test_norm_only_controls_pick_norm_gains():
+def test_norm_only_control_trains_exactly_the_norm_gains():
     from recipes.finetune_routers import make_norm_only
     from conftest import make_llama
 
     base = make_llama(layers=4)  # 4 x (input, post-attention) RMSNorm + final norm: 9 gains of 32
     norms = [n for n, _ in base.named_parameters() if n.endswith("norm.weight")]
     assert len(norms) == 9
-    model, chosen = make_norm_only(base, None)
-    assert chosen == norms and sum(p.numel() for p in model.parameters() if p.requires_grad) == 9 * 32
-    model, chosen = make_norm_only(base, budget=100)  # nearest multiple of 32: 3 gain vectors
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == chosen and len(chosen) == 3 and chosen[0] == norms[0] and chosen[-1] == norms[-1]
+    model = make_norm_only(base)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == norms
+    assert all(p.requires_grad for p in base.parameters())  # the base model is left as it was

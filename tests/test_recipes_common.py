@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import limeify
 from recipes import common, train_utils
 
 FAKE_DOCS = [
@@ -63,6 +64,19 @@ def test_split_of_pydoc_topics_is_by_document():
     assert len(held) == len(docs) // 5
     held_texts = {t for _, t in held}
     assert not any(t in held_texts for _, t in train)
+
+
+def test_three_way_split_is_by_document_and_disjoint():
+    docs = [(f"doc{i:02d}", f"text {i}") for i in range(23)]
+    train, validation, test = common.split_train_validation_test(docs, every=5)
+    # Reference: sorted names, positions 4, 9, 14, 19 held out; they alternate validation / test.
+    assert [n for n, _ in validation] == ["doc04", "doc14"] and [n for n, _ in test] == ["doc09", "doc19"]
+    assert [n for n, _ in train] == [f"doc{i:02d}" for i in range(23) if i % 5 != 4]
+    pydoc = common.pydoc_topics_documents()
+    train, validation, test = common.split_train_validation_test(pydoc)
+    names = [{n for n, _ in part} for part in (train, validation, test)]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert sum(map(len, names)) == len(pydoc) and validation and test
 
 
 @pytest.mark.parametrize("seq_len", [1, 3, 7])
@@ -190,3 +204,59 @@ def test_resolve_device_and_seed():
     train_utils.set_seed(3)
     b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_uniform_matrix_against_loops():
+    for layer, heads in [(0, 1), (2, 3), (4, 2)]:
+        w = train_utils.uniform_matrix(layer, heads)
+        assert w.shape == (heads, (layer + 1) * heads)
+        for g in range(heads):
+            for j in range(layer + 1):
+                for g2 in range(heads):
+                    assert w[g, j * heads + g2].item() == pytest.approx(1 / (layer + 1) if g == g2 else 0.0)
+
+
+def test_uniform_variant_reads_the_mean_of_earlier_layers_kv():
+    # A hook put in front of limeify's sees each projection's raw K/V, one appended after it sees
+    # what the layer attends with: the uniform control must give the plain mean over layers.
+    from conftest import make_llama
+
+    model = make_llama(layers=4)
+    raw, mixed = {}, {}
+
+    def capture(store, key):
+        return lambda module, args, out: store.__setitem__(key, out.detach().clone())
+
+    projections = [(i, kind, layer.self_attn.get_submodule(f"{kind}_proj"))
+                   for i, layer in enumerate(model.model.layers) for kind in ("k", "v")]
+    train_utils.apply_variant(model, "uniform")
+    for i, kind, module in projections:
+        module.register_forward_hook(capture(raw, (i, kind)), prepend=True)
+        module.register_forward_hook(capture(mixed, (i, kind)))
+    assert all(not p.requires_grad for p in limeify.router_parameters(model))
+    model(input_ids=torch.randint(0, 64, (2, 7)))
+    for i, kind, _ in projections:
+        expected = torch.stack([raw[(j, kind)] for j in range(i + 1)]).mean(0)
+        torch.testing.assert_close(mixed[(i, kind)], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mixed[(3, "k")], raw[(3, "k")])  # the control really mixes
+
+
+def test_apply_variant_lime_trains_routers_and_baseline_is_untouched():
+    from conftest import make_llama
+
+    base = train_utils.apply_variant(make_llama(layers=3), "baseline")
+    assert not limeify.is_limeified(base)
+    lime = train_utils.apply_variant(make_llama(layers=3), "lime")
+    weights = limeify.router_parameters(lime)
+    assert len(weights) == 2 and all(w.requires_grad for w in weights)
+    with pytest.raises(ValueError):
+        train_utils.apply_variant(make_llama(layers=3), "mean")
+
+
+def test_paired_difference_verdict():
+    d = train_utils.paired_difference("a vs b", [-2.0, -4.0, -3.0], " %", better="negative")
+    assert d["mean"] == pytest.approx(-3.0) and d["std"] == pytest.approx(1.0)
+    assert d["exceeds_spread"] and d["better_in"] == 3 and "exceeds the spread" in d["verdict"]
+    d = train_utils.paired_difference("a vs b", [1.0, -1.0, 0.5], " %", better="negative")
+    assert not d["exceeds_spread"] and d["better_in"] == 1 and "does NOT exceed" in d["verdict"]
+    assert "one seed" in train_utils.paired_difference("a vs b", [1.0], "", better="positive")["verdict"]
