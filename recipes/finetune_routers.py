@@ -28,7 +28,8 @@ per method and, per pair (lora vs lora+lime, full vs full+lime), the mean paired
 of test perplexity with its std over seeds and whether it exceeds that spread.
 
 Documented run (docs/results/finetune_routers/): `python -m recipes.finetune_routers --sweep --seeds 3`,
-about an hour on 2 shared CPU cores. The default (`make demo`) is one seed at the documented
+39 minutes on 2 shared CPU cores (OMP_NUM_THREADS=2). lora and full picked the largest lr of
+their grids (3e-3, 1e-4): larger ones were not tried. The default (`make demo`) is one seed at the documented
 learning rates, about 10 minutes.
 
 Outputs in runs/finetune_routers/<timestamp>/: config.json, metrics.json, results.md,
@@ -69,8 +70,8 @@ PARTNER = {"lora+lime": "lora", "full+lime": "full"}
 GRIDS = {"lime": "1e-3,3e-3,1e-2", "lora": "3e-4,1e-3,3e-3", "lora+lime": "1e-3,3e-3,1e-2",
          "full": "1e-5,3e-5,1e-4", "full+lime": "1e-3,3e-3", "norm": "1e-3,3e-3,1e-2"}
 # The documented sweep's picks (docs/results/finetune_routers/results.md), used without --sweep.
-DEFAULT_LRS = {"lime": {"router_lr": 3e-3}, "lora": {"lr": 1e-3}, "lora+lime": {"lr": 1e-3, "router_lr": 3e-3},
-               "full": {"lr": 3e-5}, "full+lime": {"lr": 3e-5, "router_lr": 3e-3}, "norm": {"lr": 3e-3}}
+DEFAULT_LRS = {"lime": {"router_lr": 3e-3}, "lora": {"lr": 3e-3}, "lora+lime": {"lr": 3e-3, "router_lr": 1e-3},
+               "full": {"lr": 1e-4}, "full+lime": {"lr": 1e-4, "router_lr": 1e-3}, "norm": {"lr": 3e-3}}
 PROMPTS = [
     "What does the `with` statement do in Python?",
     "Explain what a Python generator is, in two sentences.",
