@@ -341,7 +341,7 @@ def _trace(model: nn.Module, args: tuple, kwargs: dict) -> _Graph:
         if _find_attention(graph):
             # fx inlines every module it does not keep as a leaf, so which ran (and how often)
             # comes from one eager run.
-            graph.call_counts = _call_counts(model, args, kwargs)
+            graph.call_counts = {path: c.count for path, c in _record_calls(model, args, kwargs).items()}
             return graph
     except Exception:  # fx cannot trace most transformers models; export handles them
         pass
@@ -710,14 +710,14 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
             if not any(p.dim() >= 2 for p in child.parameters()):
                 continue
             if child_path in calls:
-                order, child_args, child_kwargs = calls[child_path]
+                call = calls[child_path]
                 try:
-                    graph = _trace(child, child_args, child_kwargs)
+                    graph = _trace(child, call.args, call.kwargs)
                 except LimeError:
                     graph = None
                 if graph is not None:
                     if _find_attention(graph):
-                        parts.append((order, child_path, graph))
+                        parts.append((call.order, child_path, graph))
                     continue
                 if any(p.dim() >= 2 for p in child.parameters(recurse=False)):
                     opaque.append(child_path)
@@ -730,30 +730,24 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     return [(path, graph) for _, path, graph in sorted(parts, key=lambda part: part[0])]
 
 
-def _call_counts(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, int]:
-    """How often each submodule runs in one eager forward."""
-    counts: dict[str, int] = {}
-    handles = []
-    for path, module in model.named_modules():
-        def count(mod, a, path=path):
-            counts[path] = counts.get(path, 0) + 1
-        handles.append(module.register_forward_pre_hook(count))
-    try:
-        model(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counts
+@dataclass
+class _Calls:
+    order: int  # of its first call among all submodules'
+    args: tuple  # what that first call got
+    kwargs: dict
+    count: int = 1
 
 
-def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[int, tuple, dict]]:
-    """Each submodule's first call in one eager run: its order and the (args, kwargs) it got."""
-    calls: dict[str, tuple[int, tuple, dict]] = {}
+def _record_calls(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, _Calls]:
+    """Each submodule that ran in one eager forward: its first call and how often it ran."""
+    calls: dict[str, _Calls] = {}
     handles = []
     for path, module in model.named_modules():
         def note(mod, a, kw, path=path):
-            if path not in calls:
-                calls[path] = (len(calls), a, kw)
+            if path in calls:
+                calls[path].count += 1
+            else:
+                calls[path] = _Calls(len(calls), a, kw)
         handles.append(module.register_forward_pre_hook(note, with_kwargs=True))
     try:
         model(*args, **kwargs)

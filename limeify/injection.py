@@ -41,10 +41,10 @@ class _Entry:
     heads: int
     attention: nn.Module
     routed: bool
-    # The producer's call this entry is for, and whether its router sits in a CallRouters
-    # (a module running several layers of its stack).
+    # The producer's call this entry is for, and the router's name in its CallRouters when the
+    # attention module has several sites (None: the module's lime_router is the router).
     call: int = 0
-    shared: bool = False
+    router_key: str | None = None
 
 
 class LimeState:
@@ -217,7 +217,9 @@ class _ProducerHook:
     def _mix(self, e: _Entry, raw: torch.Tensor, hidden: torch.Tensor | None, cache: ValueCache) -> torch.Tensor:
         if e.routed:
             router = e.attention._modules[ROUTER_ATTR]
-            return router(raw, cache, e.role, hidden, str(e.layer)) if e.shared else router(raw, cache, e.role, hidden)
+            if e.router_key is None:
+                return router(raw, cache, e.role, hidden)
+            return router(raw, cache, e.role, hidden, e.router_key)
         return record(raw, cache, e.role, e.depth, e.heads)
 
 
@@ -238,7 +240,8 @@ class _CallBoundary:
 def _enclosing_module(model: nn.Module, sites: list[AttentionSite]) -> nn.Module:
     """Deepest module that is called once per forward and contains every attention layer.
 
-    A stack whose sites say ``enclosing`` (a module running several of its layers) uses that.
+    Discovery names it in the sites' ``enclosing``; hand-written sites without it get the deepest
+    common parent of their producers that is no layer container.
     """
     named = {s.enclosing for s in sites if s.enclosing is not None}
     if named:
@@ -423,7 +426,7 @@ def _bind_producers(model: nn.Module, state: LimeState) -> None:
         for role, src, dim in (("k", site.key, site.head_dim), ("v", site.value, site.v_head_dim)):
             call = calls[src.module, role] = calls.get((src.module, role), -1) + 1
             entry = _Entry(role, site.layer, site.position, src.start, src.end, src.blocks, src.step, site.num_kv_heads,
-                           owner, site.layer in routed, call, site.attention in shared)
+                           owner, site.layer in routed, call, str(site.layer) if site.attention in shared else None)
             by_module.setdefault(src.module, []).append(entry)
             stack_of.setdefault(src.module, set()).add(site.stack)
     for path, entries in by_module.items():

@@ -129,6 +129,17 @@ BUILDERS = {
 }
 
 
+def perturb_routers(model, scale: float = 0.3, seed: int = 0):
+    """Add N(0, scale) noise to every router weight, so comparisons see routers away from identity."""
+    import limeify
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in limeify.router_parameters(model):
+            w.add_(torch.randn(w.shape, generator=g) * scale)
+    return model
+
+
 def logits_of(out):
     if isinstance(out, torch.Tensor):
         return out

@@ -12,7 +12,7 @@ from torch import nn
 
 import limeify
 
-from conftest import reference_mix_logits
+from conftest import perturb_routers, reference_mix_logits
 
 
 def make_neox():
@@ -119,12 +119,6 @@ def _logits(model, x):
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
-def _perturb(model):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in limeify.router_parameters(model):
-            w.add_(torch.randn(w.shape, generator=g) * 0.3)
-    return model
 
 
 @pytest.mark.parametrize("name", BUILD)
@@ -137,7 +131,7 @@ def test_discovery_identity_and_reference_mix(name):
     assert len(sites) == 3 and sites[1].key.module == path and sites[1].key.blocks == blocks
     assert width is None or sites[1].key.end - sites[1].key.start == width
     assert torch.equal(_logits(model, x), _logits(base, x))
-    _perturb(model)
+    perturb_routers(model)
     got = _logits(model, x)
     assert not torch.allclose(got, _logits(base, x), atol=1e-4)
     # The mix written out in loops, reading the raw K/V features the sites name (cross-head static routers).
@@ -151,7 +145,7 @@ def test_discovery_identity_and_reference_mix(name):
 
 @pytest.mark.parametrize("name", [n for n in BUILD if n != "einsum"])
 def test_generate_with_and_without_kv_cache(name):
-    model = _perturb(limeify.limeify(BUILD[name]()))
+    model = perturb_routers(limeify.limeify(BUILD[name]()))
     x = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         a = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
@@ -164,7 +158,7 @@ def test_flex_attention_llama_equals_its_sdpa_twin():
 
     x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     flex = limeify.limeify(make_llama(impl="flex_attention"))
-    sdpa = _perturb(limeify.limeify(make_llama(impl="sdpa")))
+    sdpa = perturb_routers(limeify.limeify(make_llama(impl="sdpa")))
     assert limeify.attention_sites(flex) == limeify.attention_sites(sdpa)
     assert torch.equal(_logits(flex, x), _logits(make_llama(impl="flex_attention"), x))
     with torch.no_grad():

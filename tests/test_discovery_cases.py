@@ -12,20 +12,14 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import limeify
+from conftest import perturb_routers
 
 
-def _perturb(model, scale=0.3):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in limeify.router_parameters(model):
-            w.add_(torch.randn(w.shape, generator=g) * scale)
-    return model
 
 
 def reference(base, run, sites, mats):
@@ -84,7 +78,7 @@ def _check(base, run, example_inputs=None, atol=1e-5):
     model = limeify.limeify(copy.deepcopy(base), example_inputs=example_inputs)
     with torch.no_grad():
         assert torch.equal(run(model), run(base))
-        _perturb(model)
+        perturb_routers(model)
         got = run(model)
     assert not torch.allclose(got, run(base), atol=1e-4)
     torch.testing.assert_close(got, reference(base, run, limeify.attention_sites(model), _mats(model)), rtol=1e-5, atol=atol)
@@ -168,12 +162,16 @@ def test_tuple_returning_producers():
     _check(base, lambda m: m(input_ids=x).last_hidden_state)
 
 
-def test_rotary_position_table_is_no_k_producer():
+def make_roformer():
     from transformers import RoFormerConfig, RoFormerModel
 
     torch.manual_seed(0)
-    base = RoFormerModel(RoFormerConfig(vocab_size=64, embedding_size=32, hidden_size=32, num_hidden_layers=3,
+    return RoFormerModel(RoFormerConfig(vocab_size=64, embedding_size=32, hidden_size=32, num_hidden_layers=3,
                                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)).eval()
+
+
+def test_rotary_position_table_is_no_k_producer():
+    base = make_roformer()
     x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     model = _check(base, lambda m: m(input_ids=x).last_hidden_state)
     assert limeify.attention_sites(model)[1].key.module == "encoder.layer.1.attention.self.key"
@@ -195,13 +193,8 @@ def test_two_attention_ops_in_one_module_are_two_stacks():
                           for s in sites if s.position > 0)
 
 
-@pytest.mark.parametrize("path", ["encoder.layer.1.attention.self.key"])
-def test_sweep_cases_unlimeify_cleanly(path):
-    from transformers import RoFormerConfig, RoFormerModel
-
-    torch.manual_seed(0)
-    base = RoFormerModel(RoFormerConfig(vocab_size=64, embedding_size=32, hidden_size=32, num_hidden_layers=3,
-                                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)).eval()
+def test_sweep_cases_unlimeify_cleanly():
+    base = make_roformer()
     model = limeify.unlimeify(limeify.limeify(copy.deepcopy(base)))
     assert model.state_dict().keys() == base.state_dict().keys()
-    assert not model.get_submodule(path)._forward_hooks
+    assert not model.get_submodule("encoder.layer.1.attention.self.key")._forward_hooks

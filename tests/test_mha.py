@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import limeify
+from conftest import perturb_routers
 from limeify import LimeConfig, LimeError
 from limeify.restructure import LimeMultiheadAttention
 
@@ -84,12 +85,6 @@ MASKS = {"none": lambda: {}, "causal": lambda: {"mask": nn.Transformer.generate_
          "padding": lambda: {"src_key_padding_mask": _padding()}}
 
 
-def _perturb(model, scale=0.3):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in limeify.router_parameters(model):
-            w.add_(torch.randn(w.shape, generator=g) * scale)
-    return model
 
 
 def _standard(model, *args, **kwargs):
@@ -147,7 +142,7 @@ def test_encoder_identity_is_bit_exact(batch_first, masks):
     real = ~kw["src_key_padding_mask"] if "src_key_padding_mask" in kw else torch.ones(B, T, dtype=torch.bool)
     diff = (_fused(model, ids, **kw) - _fused(base, ids, **kw))[real].abs().max().item()
     assert diff <= FUSED_TOL
-    assert not torch.allclose(_fused(_perturb(model), ids, **kw)[real], _fused(base, ids, **kw)[real], atol=1e-3)
+    assert not torch.allclose(_fused(perturb_routers(model), ids, **kw)[real], _fused(base, ids, **kw)[real], atol=1e-3)
 
 
 @pytest.mark.parametrize("need_weights", [True, False])
@@ -232,7 +227,7 @@ def _reference_encoder(base, ids, routers, kw):
 def test_encoder_matches_a_reference_mix(batch_first, masks):
     base = EncoderModel(batch_first).eval()
     ids, kw = _ids(), MASKS[masks]()
-    model = _perturb(limeify.limeify(copy.deepcopy(base), example_inputs=((ids,), kw)))
+    model = perturb_routers(limeify.limeify(copy.deepcopy(base), example_inputs=((ids,), kw)))
     routers = dict(zip(limeify.routers(model), (w.detach() for w in limeify.router_parameters(model))))
     real = ~kw["src_key_padding_mask"] if "src_key_padding_mask" in kw else torch.ones(B, T, dtype=torch.bool)
     want = _reference_encoder(base, ids, routers, kw)
@@ -256,7 +251,7 @@ def _reference_mha_model(base, ids, routers):
 def test_direct_mha_matches_a_reference_mix_and_router_gradients(need_weights):
     base = MHAModel(need_weights, layers=4).eval()
     ids = _ids()
-    model = _perturb(limeify.limeify(copy.deepcopy(base), example_inputs=ids))
+    model = perturb_routers(limeify.limeify(copy.deepcopy(base), example_inputs=ids))
     weights = limeify.router_parameters(model)
     out = _train_out(model, ids)  # no dropout in this model: train mode only changes the path taken
     routers = {layer: w.detach().double().requires_grad_() for layer, w in zip(limeify.routers(model), weights)}
@@ -277,7 +272,7 @@ def test_unlimeify_restores_modules_keys_and_outputs():
     keys = list(base.state_dict())
     model = limeify.limeify(copy.deepcopy(base), example_inputs=((ids,), kw))
     assert [k for k in model.state_dict() if "lime" not in k] == keys  # the exposed projections own nothing
-    _perturb(model)
+    perturb_routers(model)
     limeify.unlimeify(model)
     assert all(type(layer.self_attn) is nn.MultiheadAttention for layer in model.encoder.layers)
     assert all("lime_in_proj" not in layer.self_attn._modules for layer in model.encoder.layers)
@@ -309,7 +304,7 @@ def test_failed_limeify_leaves_the_model_as_it_was():
 
 def test_save_load_and_deepcopy(tmp_path):
     ids, kw = _ids(), {"src_key_padding_mask": _padding()}
-    model = _perturb(limeify.limeify(EncoderModel(), example_inputs=((ids,), kw)))
+    model = perturb_routers(limeify.limeify(EncoderModel(), example_inputs=((ids,), kw)))
     want = _fused(model, ids, **kw)
     limeify.save_lime(model, tmp_path / "adapter")
     fresh = limeify.load_lime(EncoderModel(), tmp_path / "adapter", example_inputs=((ids,), kw))
@@ -330,7 +325,7 @@ def test_rarer_options_identity_exact_and_routed(options):
     model = limeify.limeify(copy.deepcopy(base), example_inputs=ids)
     assert torch.equal(_train_out(model, ids), _train_out(base, ids))
     assert torch.equal(_fused(model, ids), _standard(base, ids))
-    assert not torch.allclose(_fused(_perturb(model), ids), _fused(base, ids), atol=1e-3)
+    assert not torch.allclose(_fused(perturb_routers(model), ids), _fused(base, ids), atol=1e-3)
 
 
 class CrossModel(nn.Module):
@@ -358,7 +353,7 @@ def test_separate_kv_weights_are_their_own_producers():
     assert (s.key.module, s.value.module, s.attention) == ("attn.1.lime_k_proj", "attn.1.lime_v_proj", "attn.1")
     assert sorted(model.attn[1]._modules) == ["lime_k_proj", "lime_router", "lime_v_proj", "out_proj"]
     assert torch.equal(_fused(model, ids, context), _standard(base, ids, context))
-    assert not torch.allclose(_fused(_perturb(model), ids, context), _fused(base, ids, context), atol=1e-3)
+    assert not torch.allclose(_fused(perturb_routers(model), ids, context), _fused(base, ids, context), atol=1e-3)
 
 
 def test_a_call_of_another_form_raises():
@@ -431,6 +426,6 @@ def test_one_mha_called_three_times_is_three_sites():
     assert [(s.key.module, s.depth) for s in limeify.attention_sites(model)] == [("block.attn.lime_in_proj", i) for i in range(3)]
     assert torch.equal(_train_out(model, ids), _train_out(base, ids))
     assert torch.equal(_fused(model, ids), _standard(base, ids))
-    assert not torch.allclose(_fused(_perturb(model), ids), _fused(base, ids), atol=1e-3)
+    assert not torch.allclose(_fused(perturb_routers(model), ids), _fused(base, ids), atol=1e-3)
     limeify.unlimeify(model)
     assert type(model.block.attn) is nn.MultiheadAttention and torch.equal(_fused(model, ids), _fused(base, ids))

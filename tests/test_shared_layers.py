@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import limeify
+from conftest import perturb_routers
 from limeify import LimeConfig, LimeError
 
 ALBERT_CALLS = 3
@@ -75,12 +76,6 @@ class Looped(nn.Module):
         return x
 
 
-def _perturb(model, scale=0.3):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for w in limeify.router_parameters(model):
-            w.add_(torch.randn(w.shape, generator=g) * scale)
-    return model
 
 
 def reference(base, run, k_path, v_path, heads, mats):
@@ -142,7 +137,7 @@ def test_albert_sites_per_call_identity_and_reference_mix():
     run = lambda m: m(input_ids=x).last_hidden_state  # noqa: E731
     with torch.no_grad():
         assert torch.equal(run(model), run(base))
-        _perturb(model)
+        perturb_routers(model)
         got = run(model)
         assert not torch.allclose(got, run(base), atol=1e-4)
         want = reference(base, run, f"{ALBERT_ATTN}.key", f"{ALBERT_ATTN}.value", 4, _mats(model))
@@ -156,7 +151,7 @@ def test_albert_sites_per_call_identity_and_reference_mix():
 def test_looped_block_gradients_match_reference():
     base = Looped()
     x = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(3))
-    model = _perturb(limeify.limeify(copy.deepcopy(base), example_inputs=x))
+    model = perturb_routers(limeify.limeify(copy.deepcopy(base), example_inputs=x))
     assert len(limeify.attention_sites(model)) == 4 and limeify.attention_sites(model)[0].enclosing == ""
     model(x).logsumexp(-1).sum().backward()
     mats = {k: v.requires_grad_(True) for k, v in _mats(model).items()}
@@ -170,10 +165,10 @@ def test_looped_block_gradients_match_reference():
 def test_checkpointed_calls_give_the_same_gradients(every):
     """Regions of one call or of two calls each (two calls: told apart by their inputs)."""
     x = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(4))
-    plain = _perturb(limeify.limeify(Looped(), example_inputs=x)).train()
+    plain = perturb_routers(limeify.limeify(Looped(), example_inputs=x)).train()
     ckpt = Looped(checkpoint_every=every)
     ckpt.load_state_dict(Looped().state_dict())
-    ckpt = _perturb(limeify.limeify(ckpt.eval(), example_inputs=x)).train()
+    ckpt = perturb_routers(limeify.limeify(ckpt.eval(), example_inputs=x)).train()
     for m in (plain, ckpt):
         m(x).logsumexp(-1).sum().backward()
     for a, b in zip(limeify.router_parameters(plain), limeify.router_parameters(ckpt)):
@@ -202,7 +197,7 @@ def test_shared_sites_by_hand_need_the_enclosing_module():
 
 def test_albert_adapter_and_checkpoint_round_trips(tmp_path):
     x = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
-    model = _perturb(limeify.limeify(make_albert()))
+    model = perturb_routers(limeify.limeify(make_albert()))
     with torch.no_grad():
         want = model(input_ids=x).last_hidden_state
     limeify.save_lime(model, tmp_path / "adapter")
