@@ -62,12 +62,6 @@ class SourceBuffer:
                 f"earlier layers of its stack ({tuple(self.raw_shape)}, {self.tensor.dtype}); LIMe mixes K/V "
                 "across the layers of one stack, so they must all see the same tokens"
             )
-        if raw.device != self.tensor.device:
-            raise LimeError(
-                f"layer {layer} of a stack runs on {raw.device}, earlier layers of it on {self.tensor.device}; "
-                "LIMe keeps a stack's K/V on one device, so give each stack's layers one device in the "
-                "device_map (other stacks, embeddings and heads may go elsewhere)"
-            )
 
     def write(self, layer: int, raw: torch.Tensor) -> None:
         raise NotImplementedError

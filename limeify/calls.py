@@ -89,6 +89,16 @@ class ValueCache:
             self.scratch.retire(buf)
         return buf
 
+    def home(self, role: str, raw: torch.Tensor) -> torch.device:
+        """The device that holds this call's K (or V) of every layer: where its first layer ran
+        (``raw``'s own device before any layer has run)."""
+        buf = self.buffers.get(role)
+        if buf is not None:
+            return buf.tensor.device
+        slots = self.traced.get(role)
+        first = next((t for t in slots if t is not None), None) if slots else None
+        return raw.device if first is None else first.device
+
     def _open(self, role: str, raw: torch.Tensor, heads: int) -> SourceBuffer:
         if self.grad:
             buf = SourcesLast(raw, self.num_layers, heads)

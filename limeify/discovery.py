@@ -394,7 +394,7 @@ def _random(shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Ten
 def _non_text_inputs(model: nn.Module, config: Any, params: Any, batch: int, seq_len: int) -> list[dict]:
     """Candidate pixel and audio inputs, first the likeliest; a layout a config cannot tell
     (frames before or after mel bins) gives one candidate each."""
-    device, dtype = _param_dtype(model)
+    device, dtype = _trace_device(model), _param_dtype(model)[1]
     found: list[dict] = [{}]
     if "pixel_values" in params:
         size = _config_value(config, "image_size")
@@ -429,7 +429,7 @@ def default_example_inputs(model: nn.Module, batch: int = 1, seq_len: int = 8) -
     """
     config = getattr(model, "config", None)
     params = inspect.signature(model.forward).parameters
-    device, _ = _param_dtype(model)
+    device = _trace_device(model)
     candidates = _non_text_inputs(model, config, params, batch, seq_len) if config is not None else [{}]
     if len(candidates) > 1:
         candidates = [next((c for c in candidates if _runs(model, c)), candidates[0])]
@@ -471,7 +471,7 @@ def _runs(model: nn.Module, kwargs: dict) -> bool:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _undispatched(model):
+        with torch.no_grad(), _undispatched(model, kwargs):
             model(**kwargs)
         return True
     except Exception:  # a candidate the model does not take; the next one may fit
@@ -511,7 +511,7 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
     # Sites name exposed K/V producers; limeify() exposes them first, so this undoes nothing there.
     undo = expose(model)
     try:
-        with torch.no_grad(), _undispatched(model):
+        with torch.no_grad(), _undispatched(model, (args, kwargs)):
             parts = _trace_parts(model, args, kwargs)
         ops: list[_Found | _Unresolved] = []
         for prefix, graph in parts:
@@ -542,30 +542,48 @@ def execution_devices(model: nn.Module) -> dict[str, torch.device]:
     return devices
 
 
-@contextlib.contextmanager
-def _undispatched(model: nn.Module):
-    """Let export see a model dispatched by accelerate as a plain one, without loading its weights.
+def _trace_device(model: nn.Module, inputs: Any = None) -> torch.device:
+    """Where discovery runs the model: its inputs' device, else accelerate's main execution
+    device, else its first parameter's (never ``meta``)."""
+    for t in torch.utils._pytree.tree_leaves(inputs):
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            return t.device
+    device = execution_devices(model).get("")
+    if device is None:
+        device = _param_dtype(model)[0]
+    return torch.device("cpu") if device.type == "meta" else device
 
-    accelerate's hooks load offloaded weights at call time (export cannot follow them) and leave
-    ``meta`` tensors behind. For the trace, each hooked module runs its own forward, and each
-    meta tensor stands in as a constant that takes no memory (``expand`` of one number). Discovery
-    reads structure, not values: which features reach K, through reshapes, RoPE and norms.
+
+@contextlib.contextmanager
+def _undispatched(model: nn.Module, inputs: Any = None):
+    """Let export see a model dispatched by accelerate as a plain one on one device, without
+    loading or copying its weights.
+
+    accelerate's hooks load offloaded weights and move activations between devices at call
+    time (export cannot follow them), and leave ``meta`` tensors behind. For the trace, each
+    hooked module runs its own forward, and each weight that is offloaded or on another device
+    than the trace stands in as a constant that takes no memory (``expand`` of one number);
+    small buffers on another device are copied. Discovery reads structure, not values: which
+    features reach K, through reshapes, RoPE and norms.
     """
-    devices = execution_devices(model)
+    device = _trace_device(model, inputs)
     swapped, filled = [], []
     try:
-        for path, module in model.named_modules():
+        for module in model.modules():
             if "_old_forward" in module.__dict__ and "forward" in module.__dict__:
                 swapped.append((module, module.__dict__["forward"]))
                 module.forward = module._old_forward
-            device = devices.get(path, torch.device("cpu"))
             for store in (module._parameters, module._buffers):
                 for name, t in store.items():
-                    if t is not None and t.is_meta:
+                    if t is None or t.device == device:
+                        continue
+                    if t.is_meta or store is module._parameters:
                         scale = 1.0 / t.shape[-1] if t.dim() >= 2 else 1.0
                         stand_in = torch.full((), scale, dtype=t.dtype, device=device).expand(t.shape)
-                        filled.append((store, name, t))
-                        store[name] = nn.Parameter(stand_in, requires_grad=False) if store is module._parameters else stand_in
+                    else:
+                        stand_in = t.to(device)
+                    filled.append((store, name, t))
+                    store[name] = nn.Parameter(stand_in, requires_grad=False) if store is module._parameters else stand_in
         yield
     finally:
         for store, name, t in filled:

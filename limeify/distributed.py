@@ -94,9 +94,10 @@ def unreadable(key: str, t: torch.Tensor) -> str | None:
             "first: load it without disk/meta offloading, or call model.to_empty(device=...) and "
             "load its weights (under FSDP2: after fully_shard) before limeify.save_lime"
         )
-    local = t.to_local() if is_dtensor(t) else t
+    local = (t.to_local() if is_dtensor(t) else t).detach()
     try:
-        local.detach().untyped_storage().data_ptr()
+        # Saved from the CPU either way; other backends need not expose a host data pointer.
+        (local if local.device.type == "cpu" else local.cpu()).untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError) as exc:
         return (
             f"router tensor {key} ({type(t).__name__} on {t.device}) cannot be read ({exc}); call "

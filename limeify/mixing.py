@@ -4,6 +4,12 @@ Each writes the layer's raw K or V into its call's buffer (limeify/buffers.py) a
 layer's prefix of it. Three paths: no autograd (plain ops on the buffer); autograd (custom
 functions that save only the shared buffer and add the sources' gradients into its gradient
 buffer instead of returning them); torch.compile (graph values only, :func:`_traced_mix`).
+
+A stack split over devices (an accelerate device map) keeps its buffers on the device its
+first layer ran on, the *home* device. A layer elsewhere sends its raw K/V (and per-token
+weights) there and gets its mix back, through differentiable copies, so autograd carries the
+gradients back across devices: two transfers of one layer's K/V per layer, whatever the depth,
+and all mixing arithmetic on the home device.
 """
 
 from __future__ import annotations
@@ -149,6 +155,11 @@ class _TokenMix(torch.autograd.Function):
 
 def record(raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: int) -> torch.Tensor:
     """Store a layer's raw K/V as a source for later layers; returns it unchanged."""
+    home = cache.home(role, raw)
+    if raw.device != home:
+        stored = record(raw.to(home), cache, role, layer, heads)
+        # With grad, later layers' gradients for this layer come back through the stored copy.
+        return stored.to(raw.device) if stored.requires_grad else raw
     if torch.compiler.is_compiling():
         cache.traced_slots(role, layer, raw, heads)
         return raw
@@ -160,6 +171,9 @@ def record(raw: torch.Tensor, cache: ValueCache, role: str, layer: int, heads: i
 
 def static_mix(weight: torch.Tensor, raw: torch.Tensor, cache: ValueCache, role: str, layer: int) -> torch.Tensor:
     """Mix layers ``0..layer`` with ``weight`` of shape ``[G, (layer+1)*G]`` (LIME.md layout)."""
+    home = cache.home(role, raw)
+    if raw.device != home:
+        return static_mix(weight.to(home), raw.to(home), cache, role, layer).to(raw.device)
     if torch.compiler.is_compiling():
         return _traced_mix(_mix_heads, weight, raw, cache, role, layer, weight.shape[0])
     if torch.is_grad_enabled() and (raw.requires_grad or weight.requires_grad):
@@ -178,6 +192,9 @@ def token_mix(coef: torch.Tensor, raw: torch.Tensor, cache: ValueCache, role: st
             f"layer {layer}: per-token weights of shape {tuple(coef.shape)} do not fit K/V of "
             f"shape {tuple(raw.shape)} (expected [..., G, {layer + 1}] with the same leading dims)"
         )
+    home = cache.home(role, raw)
+    if raw.device != home:
+        return token_mix(coef.to(home), raw.to(home), cache, role, layer).to(raw.device)
     if torch.compiler.is_compiling():
         return _traced_mix(_mix_tokens, coef, raw, cache, role, layer, coef.shape[-2])
     if torch.is_grad_enabled() and (raw.requires_grad or coef.requires_grad):

@@ -56,7 +56,7 @@ def router_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         problem = distributed.agree(problem, [t for _, t in named])
     if problem:
         raise LimeError(problem)
-    return {k: distributed.full_tensor(t).contiguous() for k, t in named}
+    return {k: distributed.full_tensor(t).detach().cpu().contiguous() for k, t in named}
 
 
 def write_lime_config(model: nn.Module, directory: Path) -> None:

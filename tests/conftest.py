@@ -136,7 +136,7 @@ def perturb_routers(model, scale: float = 0.3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for w in limeify.router_parameters(model):
-            w.add_(torch.randn(w.shape, generator=g) * scale)
+            w.add_(torch.randn(w.shape, generator=g).to(w) * scale)
     return model
 
 

@@ -84,13 +84,3 @@ def test_routers_offloaded_with_their_layers_refuse_to_train(ckpt):
         assert torch.equal(model(x).logits, reference(x).logits)
     with pytest.raises(LimeError, match=r"layers \[1, 2\] are offloaded.*Limeify after dispatching"):
         limeify.mark_only_routers_trainable(model)
-
-
-def test_a_stack_split_across_devices_is_refused_by_name():
-    """No second device here: the meta device stands in for the second GPU of a split stack."""
-    from limeify import ValueCache
-
-    cache = ValueCache(None, num_layers=2, grad=False)
-    cache.write("k", 0, torch.randn(1, 4, 16), heads=2)
-    with pytest.raises(LimeError, match="runs on meta, earlier layers of it on cpu"):
-        cache.write("k", 1, torch.randn(1, 4, 16, device="meta"), heads=2)
