@@ -52,6 +52,10 @@ _MATMUL_ATEN = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, ate
 _PROJ_ATEN = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 _LAYOUT_ATEN = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
                 aten.reshape.default, aten._to_copy.default, aten.to.dtype, aten.clone.default}
+# A slice of a packed parameter is still a weight (nn.MultiheadAttention's cross-attention
+# projects K and V with rows E:3E of in_proj_weight).
+_PART_ATEN = {aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, aten.slice.Tensor,
+              aten.narrow.default, operator.getitem}
 
 _SDPA_FX = {F.scaled_dot_product_attention}
 _SOFTMAX_FX = {torch.softmax, F.softmax, torch.Tensor.softmax}
@@ -136,7 +140,7 @@ class _Graph:
             return False
         if n.op == "get_attr":
             return isinstance(_fetch_attr(self.gm, n.target), nn.Parameter)
-        if depth < 3 and n.op == "call_function" and n.target in _LAYOUT_ATEN:
+        if depth < 3 and n.op == "call_function" and (n.target in _LAYOUT_ATEN or n.target in _PART_ATEN):
             return self._is_param(n.args[0], depth + 1)
         return False
 

@@ -376,9 +376,9 @@ class Seq2Seq(nn.Module):
         return self.t(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(tgt.shape[1]), tgt_is_causal=True)
 
 
-def test_packed_cross_attention_by_hand_written_sites():
-    """nn.Transformer's decoder cross-attention projects the encoder output with slices of its
-    packed weight, which discovery does not take for a projection: its sites are written by hand."""
+def test_nn_transformer_packed_cross_attention_is_discovered():
+    """nn.Transformer's decoder cross-attention projects the encoder output with a slice of its
+    packed weight (rows E:3E). Discovery finds the sites written here by hand from that layout."""
     from limeify import AttentionSite, KVSource
 
     def sites_of(stack, first, step, child, k, v):
@@ -387,12 +387,18 @@ def test_packed_cross_attention_by_hand_written_sites():
                               value=KVSource(f"{stack.replace('*', str(i))}.{child}", v, v + D), stack=stack, depth=i)
                 for i in range(2)]
 
-    sites = sorted(sites_of("t.encoder.layers.*.self_attn", 0, 1, "lime_in_proj", D, 2 * D)
-                   + sites_of("t.decoder.layers.*.self_attn", 2, 2, "lime_in_proj", D, 2 * D)
-                   + sites_of("t.decoder.layers.*.multihead_attn", 3, 2, "lime_kv_proj", 0, D), key=lambda s: s.layer)
+    by_hand = sorted(sites_of("t.encoder.layers.*.self_attn", 0, 1, "lime_in_proj", D, 2 * D)
+                     + sites_of("t.decoder.layers.*.self_attn", 2, 2, "lime_in_proj", D, 2 * D)
+                     + sites_of("t.decoder.layers.*.multihead_attn", 3, 2, "lime_kv_proj", 0, D), key=lambda s: s.layer)
     base = Seq2Seq().eval()
     src, tgt = torch.randn(B, T, D, generator=torch.Generator().manual_seed(2)), torch.randn(B, 5, D)
-    model = limeify.limeify(copy.deepcopy(base), LimeConfig(sites=sites))
+
+    def layout(s):
+        return s.layer, s.attention, s.key, s.value, s.stack, s.depth, s.num_kv_heads, s.head_dim
+
+    found = limeify.discover_sites(base, example_inputs=((src, tgt), {}))
+    assert [layout(s) for s in found] == [layout(s) for s in by_hand]
+    model = limeify.limeify(copy.deepcopy(base), example_inputs=((src, tgt), {}))
     assert sorted(model.t.decoder.layers[1].multihead_attn._modules) == ["lime_kv_proj", "lime_router", "out_proj"]
     assert torch.equal(_train_out(model, src, tgt), _train_out(base, src, tgt))
     assert torch.equal(_fused(model, src, tgt), _standard(base, src, tgt))

@@ -126,7 +126,10 @@ SPECS = {
                  {"vision_model.encoder.layers.*.self_attn": ("image_embeds", ["text_embeds"]),
                   "text_model.encoder.layers.*.self_attn": ("text_embeds", ["image_embeds"])},
                  [("text_embeds", "pixel_values"), ("image_embeds", "input_ids")]),
-    "siglip": Spec(M.make_siglip, [("vision_model.encoder.layers.*.self_attn", 3), ("text_model.encoder.layers.*.self_attn", 3)],
+    # SigLIP's pooling head is one nn.MultiheadAttention (a learned probe attends to the patches):
+    # a stack of one layer, which gets no router.
+    "siglip": Spec(M.make_siglip, [("vision_model.encoder.layers.*.self_attn", 3), ("vision_model.head.attention", 1),
+                                   ("text_model.encoder.layers.*.self_attn", 3)],
                    _towers_inputs, _towers_outputs,
                    {"vision_model.encoder.layers.*.self_attn": ("image_embeds", ["text_embeds"]),
                   "text_model.encoder.layers.*.self_attn": ("text_embeds", ["image_embeds"])},
@@ -137,6 +140,7 @@ SPECS = {
                   "model.language_model.layers.*.self_attn": ("logits", ["image"])},
                   [("image", "input_ids")], generates=True),
     "paligemma": Spec(M.make_paligemma, [("model.vision_tower.encoder.layers.*.self_attn", 2),
+                                         ("model.vision_tower.head.attention", 1),
                                          ("model.language_model.layers.*.self_attn", 3)],
                       _vlm_inputs, _vlm_outputs,
                       {"model.vision_tower.encoder.layers.*.self_attn": ("image", []),
