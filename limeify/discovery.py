@@ -918,9 +918,20 @@ def _site(graph: _Graph, i: int, att: _Attention, k: tuple[str, int], v: tuple[s
         num_kv_heads=k_width // d,
         head_dim=d,
         value_head_dim=dv if dv != d else None,
-        num_heads=q.shape[-3] if q.dim() >= 3 else None,
+        num_heads=_query_heads(q, v_leaf, values[att.value]),
         hidden_size=_input_features(graph, k_path),
     )
+
+
+def _query_heads(q: torch.Tensor, v_leaf: torch.Tensor, value: torch.Tensor) -> int | None:
+    """Query heads of an attention op: ``[..., H, T, d]``, or ``[B*H, T, d]`` where the batch is
+    folded into the heads (``bmm``), unfolded by the V producer's batch (its tokens per value)."""
+    if q.dim() >= 4:
+        return q.shape[-3]
+    if q.dim() == 3:
+        batch = v_leaf.numel() // (v_leaf.shape[-1] * value.shape[-2])
+        return q.shape[0] // batch if batch and q.shape[0] % batch == 0 else None
+    return None
 
 
 def _common_parent(k_path: str, v_path: str) -> str:

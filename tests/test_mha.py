@@ -435,3 +435,13 @@ def test_one_mha_called_three_times_is_three_sites():
     assert not torch.allclose(_fused(perturb_routers(model), ids), _fused(base, ids), atol=1e-3)
     limeify.unlimeify(model)
     assert type(model.block.attn) is nn.MultiheadAttention and torch.equal(_fused(model, ids), _fused(base, ids))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_query_heads_do_not_depend_on_the_batch(need_weights):
+    """need_weights=True folds the batch into the heads ([B*H, T, d] through bmm); the site still
+    records H, so an adapter's fingerprint does not depend on the example batch."""
+    base = MHAModel(need_weights).eval()
+    for batch in (1, 2, 3):
+        ids = torch.randint(0, VOCAB, (batch, T), generator=torch.Generator().manual_seed(batch))
+        assert {s.num_heads for s in limeify.discover_sites(base, example_inputs=ids)} == {H}
