@@ -71,7 +71,8 @@ if str(ROOT) not in sys.path:
 
 # One of each family CI must keep passing: decoders (GQA/RoPE, fused qkv, per-head fused, ALiBi),
 # encoders, a shared layer, per-layer head sizes, encoder-decoders, towers, speech.
-QUICK_TYPES = ["llama", "gpt2", "gpt_neox", "bloom", "bert", "albert", "gemma4_text", "vit", "bart", "t5", "clip", "whisper"]
+QUICK_TYPES = ["llama", "gpt2", "gpt_neox", "bloom", "bert", "albert", "gemma4_text", "vit", "bart", "t5", "clip", "whisper",
+               "switch_transformers"]  # traced part by part (data-dependent expert routing)
 DEFAULT_OUT = ROOT / "docs" / "architectures.md"
 
 # Head classes in order of preference: the first mapping that has the model type wins.

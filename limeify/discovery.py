@@ -518,8 +518,8 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
         with torch.no_grad(), _undispatched(model, (args, kwargs)):
             parts = _trace_parts(model, args, kwargs)
         ops: list[_Found | _Unresolved] = []
-        for prefix, graph in parts:
-            ops += [_prefixed(op, prefix) for op in _graph_ops(graph)]
+        for prefix, graph, above in parts:
+            ops += [_prefixed(op, prefix, above) for op in _graph_ops(graph)]
         if not ops:
             kinds = "/".join(sorted({g.kind for _, g in parts}))
             raise LimeError(
@@ -698,7 +698,9 @@ def _op_path(graph: _Graph, att: _Attention) -> str:
     return paths[-1] if paths else ""
 
 
-def _prefixed(op: _Found | _Unresolved, prefix: str) -> _Found | _Unresolved:
+def _prefixed(op: _Found | _Unresolved, prefix: str, above: tuple) -> _Found | _Unresolved:
+    """``op`` of the part traced at ``prefix``, in the whole model's terms; ``above``: chain
+    links of the modules between the model and the part that ran (see :func:`_trace_parts`)."""
     if not prefix:
         return op
     join = lambda path: f"{prefix}.{path}" if path else prefix  # noqa: E731
@@ -706,15 +708,21 @@ def _prefixed(op: _Found | _Unresolved, prefix: str) -> _Found | _Unresolved:
         return _Unresolved(join(op.attention), op.error)
     site = replace(op.site, attention=join(op.attention), key=replace(op.site.key, module=join(op.site.key.module)),
                    value=replace(op.site.value, module=join(op.site.value.module)))
-    # The part's root ran once within the model's one call.
-    chain = (("", ""),) + tuple((join(key), join(path)) for key, path in op.chain)
+    # Each part was traced on its first call, within the first call of each module above it.
+    chain = (("", ""),) + above + tuple((join(key), join(path)) for key, path in op.chain)
     return replace(op, site=site, chain=chain)
 
 
-def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, _Graph]]:
-    """The whole model's graph, or else graphs of the largest submodules that trace, in call order."""
+def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, _Graph, tuple]]:
+    """The whole model's graph, or else graphs of the largest submodules that trace, in call order.
+
+    With each part, the modules above it that ran (an encoder around its layers) as chain links,
+    so a stack whose layers are traced part by part still opens its per-call cache on the
+    deepest module that ran them all, not on the whole model (which ``generate`` never calls
+    for the encoder).
+    """
     try:
-        return [("", _trace(model, args, kwargs))]
+        return [("", _trace(model, args, kwargs), ())]
     except LimeError as exc:
         whole = exc
     try:
@@ -749,7 +757,12 @@ def _trace_parts(model: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str,
     if opaque or not parts:
         detail = f"; of its parts, {', '.join(opaque[:5])}{' ...' if len(opaque) > 5 else ''} do not trace either" if opaque else ""
         raise LimeError(f"{whole}{detail}") from whole
-    return [(path, graph) for _, path, graph in sorted(parts, key=lambda part: part[0])]
+    def above(path: str) -> tuple:
+        names = path.split(".")
+        ancestors = (".".join(names[:i]) for i in range(1, len(names)))
+        return tuple((a, a) for a in ancestors if a in calls)
+
+    return [(path, graph, above(path)) for _, path, graph in sorted(parts, key=lambda part: part[0])]
 
 
 @dataclass
