@@ -521,7 +521,7 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> list[Attenti
         for prefix, graph, above in parts:
             ops += [_prefixed(op, prefix, above) for op in _graph_ops(graph)]
         if not ops:
-            kinds = "/".join(sorted({g.kind for _, g in parts}))
+            kinds = "/".join(sorted({g.kind for _, g, _ in parts}))
             raise LimeError(
                 f"found no attention in {type(model).__name__}: searched its {kinds} graph for "
                 "scaled_dot_product_attention and matmul->softmax->matmul; if it has attention "
