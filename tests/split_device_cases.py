@@ -54,7 +54,7 @@ def _assert_same_grads(model, reference):
         if p.grad is None:
             assert ref[name].grad is None, name
             continue
-        torch.testing.assert_close(p.grad.cpu(), ref[name].grad, **TOL, msg=name)
+        torch.testing.assert_close(p.grad.cpu(), ref[name].grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
         compared += 1
     assert compared
 
