@@ -130,13 +130,15 @@ BUILDERS = {
 
 
 def perturb_routers(model, scale: float = 0.3, seed: int = 0):
-    """Add N(0, scale) noise to every router weight, so comparisons see routers away from identity."""
+    """Add N(0, scale) noise to every router parameter (any mechanism, on any device), so
+    comparisons see routers away from identity; equal models get equal noise."""
     import limeify
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for w in limeify.router_parameters(model):
-            w.add_(torch.randn(w.shape, generator=g).to(w) * scale)
+        for router in limeify.routers(model).values():
+            for p in router.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
     return model
 
 

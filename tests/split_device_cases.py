@@ -18,7 +18,7 @@ from accelerate import dispatch_model
 import limeify
 from limeify import LimeConfig
 
-from conftest import example_for, make_gpt2, make_llama
+from conftest import example_for, make_gpt2, make_llama, perturb_routers
 
 SPARE = spare_device.DEVICE
 CPU = torch.device("cpu")
@@ -30,16 +30,6 @@ TOL = dict(rtol=1e-12, atol=1e-14)
 def _dispatch(model, device_map: dict, tmp_path):
     # main_device="cpu": accelerate would otherwise run the "cpu" entries on the spare device.
     return dispatch_model(model, device_map=device_map, main_device="cpu", offload_dir=tmp_path / "offload")
-
-
-def perturb_routers(model, scale: float = 0.3):
-    """The same N(0, scale) noise on every router parameter (any mechanism) of equal models."""
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for router in limeify.routers(model).values():
-            for p in router.parameters():
-                p.add_(torch.randn(p.shape, generator=g).to(p) * scale)
-    return model
 
 
 def _logits(model, x):
